@@ -1,0 +1,66 @@
+"""The inverse of the feedback passes: the same graph trained by plain backprop.
+
+Used as the reference for alignment metrics: built on the same module, it shares its parameters.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+ops = torch.ops.salcompile
+
+
+def strip_feedback(graph: fx.Graph) -> fx.Graph:
+    """Return a copy of `graph` with FA ops turned back into aten ops and DFA taps removed."""
+    import copy
+    g = copy.deepcopy(graph)
+    feedback_nodes = []
+    for node in list(g.nodes):
+        t = node.target
+        new = None
+        with g.inserting_before(node):
+            if t is ops.fa_linear.default:
+                x, w, b, _, _ = node.args
+                new = g.call_function(aten.linear.default, (x, w, b))
+            elif t is ops.fa_conv.default:
+                x, w, b, _, stride, padding, dilation, transposed, out_pad, groups, _ = node.args
+                new = g.call_function(aten.convolution.default, (
+                    x, w, b, stride, padding, dilation, transposed, out_pad, groups))
+            elif t is ops.fa_matmul.default:
+                x, w, _, weight_first, _ = node.args
+                new = g.call_function(aten.matmul.default, (w, x) if weight_first else (x, w))
+            elif t is ops.fa_einsum.default:
+                eq, x, w, _, weight_first, _ = node.args
+                new = g.call_function(aten.einsum.default, (eq, [w, x] if weight_first else [x, w]))
+            elif t is ops.dfa_output.default:
+                y, taps, ds = node.args
+                feedback_nodes.extend(ds)
+                for tap in taps:
+                    for user in list(tap.users):
+                        if user.target is aten.detach.default:
+                            user.replace_all_uses_with(tap)
+                            g.erase_node(user)
+                node.replace_all_uses_with(y)
+                g.erase_node(node)
+                continue
+        if new is not None:
+            feedback_nodes.append(node.args[3])
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+    _erase_unused(feedback_nodes)
+    g.lint()
+    return g
+
+
+def _erase_unused(nodes) -> None:
+    """Erase the feedback reads (and the view chains mirrored onto B) nothing uses any more."""
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if getattr(n, "_erased", False) or n.users or n.op not in ("get_attr", "call_function"):
+            continue
+        inputs = n.all_input_nodes
+        n.graph.erase_node(n)
+        stack.extend(inputs)

@@ -1,0 +1,20 @@
+"""Backends: torch.compile (fullgraph, zero graph breaks)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import SalcompileError
+from .module import require_sal
+
+
+def compile(module, **kwargs: Any):  # noqa: A001 - the public name is fixed
+    """torch.compile the transformed module with fullgraph=True: a graph break is an error, not a
+    silent slowdown. Extra keywords go to torch.compile (mode=, dynamic=, backend=)."""
+    require_sal(module)
+    kwargs.setdefault("fullgraph", True)
+    if not kwargs["fullgraph"]:
+        raise SalcompileError("salcompile.compile always uses fullgraph=True; call torch.compile "
+                              "yourself for partial graphs.")
+    return torch.compile(module, **kwargs)

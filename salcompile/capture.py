@@ -1,0 +1,104 @@
+"""Capture: a model into an FX GraphModule that keeps every parameter name.
+
+With example inputs: torch.export (non-strict, batch dimension dynamic), unlifted to a module whose
+parameters sit at their original qualified names. Without: torch.fx.symbolic_trace.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from .errors import SalcompileError
+
+
+def capture(model: nn.Module, example_inputs: Optional[Tuple[Any, ...]] = None,
+            example_kwargs: Optional[dict] = None) -> Tuple[fx.GraphModule, str]:
+    """Return (graph module, how it was captured: "export" or "symbolic_trace").
+
+    The model is deep-copied first: the transformed module never shares parameters with the
+    caller's model, so training one leaves the other untouched.
+    """
+    if not isinstance(model, nn.Module):
+        raise SalcompileError(
+            f"transform() needs a torch.nn.Module, got {type(model).__name__}. "
+            "Wrap a function in an nn.Module whose forward calls it."
+        )
+    if isinstance(model, torch.export.ExportedProgram):  # pragma: no cover - not an nn.Module
+        model = model.module()
+    model = copy.deepcopy(model)
+    if example_inputs is not None:
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        if not isinstance(example_inputs, tuple):
+            example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) \
+                else (example_inputs,)
+        return _export(model, example_inputs, example_kwargs or {}), "export"
+    return _symbolic_trace(model), "symbolic_trace"
+
+
+def _batch_dynamic(example_inputs, example_kwargs):
+    def spec(t):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return {0: Dim.AUTO}
+        return None
+    return (pytree.tree_map(spec, example_inputs), pytree.tree_map(spec, example_kwargs))
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    for t in pytree.tree_leaves((args, kwargs)):
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1:
+            warnings.warn(
+                "example_inputs have batch size 1, so torch.export fixes the batch size at 1; "
+                "pass a batch of 2 or more to get a module that accepts any batch size.",
+                stacklevel=3)
+            break
+    dyn_args, dyn_kwargs = _batch_dynamic(args, kwargs)
+    dynamic = dyn_args if not kwargs else {**_named(model, dyn_args), **dyn_kwargs}
+    was_training = model.training
+    model.train()  # capture the training graph; mode-dependent ops are re-tied to .training later
+    try:
+        ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:  # torch raises many types; all mean "cannot capture"
+        raise SalcompileError(_capture_message("torch.export", exc)) from exc
+    unlifted = ep.module()
+    # A fresh GraphModule: the unlifted class refuses .train()/.eval().
+    gm = fx.GraphModule(unlifted, unlifted.graph)
+    gm.train(was_training)
+    return gm
+
+
+def _named(model, dyn_args):
+    import inspect
+    names = list(inspect.signature(model.forward).parameters)
+    return dict(zip(names, dyn_args))
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:
+        raise SalcompileError(_capture_message("torch.fx.symbolic_trace", exc)) from exc
+    gm.train(model.training)
+    return gm
+
+
+def _capture_message(tool: str, exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    hint = ""
+    low = str(exc).lower()
+    if "control flow" in low or "data-dependent" in low or "guard" in low or "bool" in low:
+        hint = (" The model's Python control flow depends on tensor values (e.g. `if x.sum() > 0:`). "
+                "Rewrite it with torch.where / torch.cond, or move that part into a leaf module.")
+    remedy = ("Pass example_inputs=(x,) so torch.export is used (it handles more models), "
+              "or mark the offending submodule as a leaf." if tool.endswith("symbolic_trace")
+              else "Check that example_inputs match the model's forward signature and dtypes; "
+                   "models with data-dependent Python control flow must use torch.cond.")
+    return f"{tool} could not capture the model: {type(exc).__name__}: {first}.{hint} {remedy}"

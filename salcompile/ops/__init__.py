@@ -1,0 +1,6 @@
+"""Custom ops (torch.library) whose autograd formulas carry the feedback rules.
+
+Importing this package registers them; `import salcompile` does so, which is what a reloaded
+export archive needs to run (and to keep training with FA, not backprop).
+"""
+from . import dfa, fa  # noqa: F401  (registration side effects)

@@ -1,0 +1,234 @@
+"""Feedback-alignment layer ops: the forward is the ordinary layer, the input gradient uses B.
+
+Every op takes the weight operand `weight` and a feedback tensor `feedback` of the same shape.
+The weight gradient never reads the weight's values (the ops are bilinear), so dW and db are
+exactly backprop's; only dX changes: it is computed with B where backprop would use W.
+With `match_norm`, B is rescaled to ||W|| at every step (SALConfig.feedback_scale="match").
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_TINY = 1e-12
+
+
+def matched_feedback(feedback: Tensor, weight: Tensor, match_norm: bool) -> Tensor:
+    """B, or B rescaled to the Frobenius norm of W."""
+    if not match_norm:
+        return feedback
+    return feedback * (weight.norm() / feedback.norm().clamp_min(_TINY))
+
+
+# ---------------------------------------------------------------- linear: y = x Wᵀ + b
+@torch.library.custom_op("salcompile::fa_linear", mutates_args=())
+def fa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Tensor,
+              match_norm: bool) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+@fa_linear.register_fake
+def _(x, weight, bias, feedback, match_norm):
+    return F.linear(x, weight, bias)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, feedback, match_norm = inputs
+    ctx.save_for_backward(x, weight, feedback)
+    ctx.has_bias = bias is not None
+    ctx.match_norm = match_norm
+
+
+def _linear_backward(ctx, grad):
+    x, weight, feedback = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx = gw = gb = None
+    if need_x:
+        gx = grad.matmul(matched_feedback(feedback, weight, ctx.match_norm))
+    if need_w or need_b:
+        g2 = grad.reshape(-1, grad.shape[-1])
+        if need_w:
+            gw = g2.t().matmul(x.reshape(-1, x.shape[-1]))
+        if need_b and ctx.has_bias:
+            gb = g2.sum(0)
+    return gx, gw, gb, None, None
+
+
+fa_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ---------------------------------------------------------------- convolution (any dim, transposed, groups)
+def _conv(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, transposed,
+                                      output_padding, groups)
+
+
+def _is_unbatched(x: Tensor, stride: List[int]) -> bool:
+    return x.dim() == len(stride) + 1
+
+
+def _conv_forward(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    if _is_unbatched(x, stride):
+        return _conv(x.unsqueeze(0), weight, bias, stride, padding, dilation, transposed,
+                     output_padding, groups).squeeze(0)
+    return _conv(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+
+
+@torch.library.custom_op("salcompile::fa_conv", mutates_args=())
+def fa_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Tensor, stride: List[int],
+            padding: List[int], dilation: List[int], transposed: bool, output_padding: List[int],
+            groups: int, match_norm: bool) -> Tensor:
+    return _conv_forward(x, weight, bias, stride, padding, dilation, transposed, output_padding,
+                         groups)
+
+
+@fa_conv.register_fake
+def _(x, weight, bias, feedback, stride, padding, dilation, transposed, output_padding, groups,
+      match_norm):
+    return _conv_forward(x, weight, bias, stride, padding, dilation, transposed, output_padding,
+                         groups)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, feedback, stride, padding, dilation, transposed, output_padding, groups, \
+        match_norm = inputs
+    ctx.save_for_backward(x, weight, feedback)
+    ctx.has_bias = bias is not None
+    ctx.params = (stride, padding, dilation, transposed, output_padding, groups)
+    ctx.match_norm = match_norm
+
+
+def _conv_backward(ctx, grad):
+    x, weight, feedback = ctx.saved_tensors
+    stride, padding, dilation, transposed, output_padding, groups = ctx.params
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    unbatched = _is_unbatched(x, stride)
+    if unbatched:
+        x, grad = x.unsqueeze(0), grad.unsqueeze(0)
+    out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    # grad_weight depends on the weight's shape only, so one call with B gives FA's dX and BP's dW.
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad.contiguous(), x, matched_feedback(feedback, weight, ctx.match_norm), [out_channels],
+        stride, padding, dilation, transposed, output_padding, groups,
+        [need_x, need_w, need_b and ctx.has_bias])
+    if unbatched and gx is not None:
+        gx = gx.squeeze(0)
+    return gx, gw, gb if ctx.has_bias else None, None, None, None, None, None, None, None, None
+
+
+fa_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ---------------------------------------------------------------- matmul / mm / bmm / @ with a weight operand
+@torch.library.custom_op("salcompile::fa_matmul", mutates_args=())
+def fa_matmul(x: Tensor, weight: Tensor, feedback: Tensor, weight_first: bool,
+              match_norm: bool) -> Tensor:
+    return torch.matmul(weight, x) if weight_first else torch.matmul(x, weight)
+
+
+@fa_matmul.register_fake
+def _(x, weight, feedback, weight_first, match_norm):
+    return torch.matmul(weight, x) if weight_first else torch.matmul(x, weight)
+
+
+def _matmul_setup(ctx, inputs, output):
+    x, weight, feedback, weight_first, match_norm = inputs
+    ctx.save_for_backward(x, weight, feedback)
+    ctx.weight_first = weight_first
+    ctx.match_norm = match_norm
+
+
+def _matmul_backward(ctx, grad):
+    x, weight, feedback = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    b = matched_feedback(feedback, weight, ctx.match_norm)
+    # Give a 1-D activation its matrix form (torch.matmul's own promotion rule).
+    x2, g2 = x, grad
+    if x.dim() == 1:
+        x2 = x.unsqueeze(-1) if ctx.weight_first else x.unsqueeze(0)
+        g2 = grad.unsqueeze(-1) if ctx.weight_first else grad.unsqueeze(-2)
+    gx = gw = None
+    if ctx.weight_first:  # y = W x
+        if need_x:
+            gx = b.mT.matmul(g2).sum_to_size(x2.shape).reshape(x.shape)
+        if need_w:
+            gw = g2.matmul(x2.mT).sum_to_size(weight.shape)
+    else:  # y = x W
+        if need_x:
+            gx = g2.matmul(b.mT).sum_to_size(x2.shape).reshape(x.shape)
+        if need_w:
+            if weight.dim() == 2:
+                gw = x2.reshape(-1, x2.shape[-1]).t().matmul(g2.reshape(-1, g2.shape[-1]))
+            else:
+                gw = x2.mT.matmul(g2).sum_to_size(weight.shape)
+    return gx, gw, None, None, None
+
+
+fa_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+# ---------------------------------------------------------------- einsum with one weight operand
+def parse_einsum(equation: str):
+    """'ab,bc->ac' -> ('ab', 'bc', 'ac'), or None when the equation is outside what FA supports
+    (implicit output, ellipsis, repeated indices within one term, more than two operands)."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        return None
+    for t in (*terms, out):
+        if len(set(t)) != len(t):
+            return None
+    return terms[0], terms[1], out
+
+
+def _einsum_vjp(out_term: str, grad: Tensor, other_term: str, other: Tensor, target_term: str,
+                target_shape) -> Tensor:
+    """d<grad, einsum(target, other)>/d target: an einsum, plus a broadcast for indices that only
+    the target carries (they were summed away in the forward)."""
+    kept = "".join(c for c in target_term if c in out_term or c in other_term)
+    g = torch.einsum(f"{out_term},{other_term}->{kept}", grad, other)
+    if kept != target_term:
+        for i, c in enumerate(target_term):
+            if c not in kept:
+                g = g.unsqueeze(i)
+        g = g.expand(target_shape)
+    return g
+
+
+@torch.library.custom_op("salcompile::fa_einsum", mutates_args=())
+def fa_einsum(equation: str, x: Tensor, weight: Tensor, feedback: Tensor, weight_first: bool,
+              match_norm: bool) -> Tensor:
+    ops = (weight, x) if weight_first else (x, weight)
+    return torch.einsum(equation, *ops)
+
+
+@fa_einsum.register_fake
+def _(equation, x, weight, feedback, weight_first, match_norm):
+    ops = (weight, x) if weight_first else (x, weight)
+    return torch.einsum(equation, *ops)
+
+
+def _einsum_setup(ctx, inputs, output):
+    equation, x, weight, feedback, weight_first, match_norm = inputs
+    ctx.save_for_backward(x, weight, feedback)
+    ctx.equation, ctx.weight_first, ctx.match_norm = equation, weight_first, match_norm
+
+
+def _einsum_backward(ctx, grad):
+    x, weight, feedback = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[1:3]
+    t0, t1, out = parse_einsum(ctx.equation)
+    xt, wt = (t1, t0) if ctx.weight_first else (t0, t1)
+    b = matched_feedback(feedback, weight, ctx.match_norm)
+    gx = _einsum_vjp(out, grad, wt, b, xt, x.shape) if need_x else None
+    gw = _einsum_vjp(out, grad, xt, x, wt, weight.shape) if need_w else None
+    return None, gx, gw, None, None, None
+
+
+fa_einsum.register_autograd(_einsum_backward, setup_context=_einsum_setup)

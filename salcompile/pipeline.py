@@ -1,0 +1,61 @@
+"""The pipeline, in one place: capture → normalise → analyse → feedback pass → SALModule."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+from torch import nn
+
+from .capture import capture
+from .config import SALConfig
+from .errors import SalcompileError
+from .module import SALModule
+from .plan import Plan, analyse
+
+
+def _passes():
+    # Imported late: `passes` is installed as salcompile.passes, and imports salcompile modules.
+    from . import passes
+    return passes
+
+
+def transform(model: nn.Module, example_inputs: Optional[Any] = None,
+              config: Optional[SALConfig] = None, **overrides: Any) -> SALModule:
+    """Rewrite `model` so it trains with SAL. Returns a new module; `model` is left untouched.
+
+    example_inputs: a tuple of example arguments (a batch of 2 or more). Given, the model is captured
+    with torch.export (handles attention, functional code); omitted, with torch.fx.symbolic_trace.
+    config / overrides: a SALConfig, and/or its fields as keywords (`feedback="dfa"`).
+    """
+    if config is not None and not isinstance(config, SALConfig):
+        raise SalcompileError(f"config must be a salcompile.SALConfig, got {type(config).__name__}.")
+    config = (config or SALConfig()).replace(**overrides) if overrides else (config or SALConfig())
+    if isinstance(model, SALModule):
+        raise SalcompileError("this module has already been transformed by salcompile; transform the "
+                              "original model instead.")
+    p = _passes()
+    original_keys = list(model.state_dict().keys()) if isinstance(model, nn.Module) else []
+    gm, how = capture(model, example_inputs)
+    gm = p.normalize_layers(gm)
+    gm = p.follow_training_mode(gm)
+    plan, specs, unsupported, tracer, head = analyse(gm, config, how)
+    for u in plan.backprop:
+        warnings.warn(f"salcompile: {u.name} ({u.op}) keeps backprop: {u.reason}.", stacklevel=2)
+    if config.feedback == "fa":
+        gm = p.attach_fa(gm, specs, plan, tracer, config)
+    elif config.feedback == "dfa":
+        gm = p.attach_dfa(gm, specs, plan, tracer, config, head)
+    sal = SALModule(gm, gm.graph, plan, config, original_keys)
+    sal.train(model.training)
+    return sal
+
+
+def plan(module: nn.Module, example_inputs: Optional[Any] = None,
+         config: Optional[SALConfig] = None, **overrides: Any) -> Plan:
+    """The plan of a transformed module, or the plan transform() would follow for a plain model."""
+    target = getattr(module, "_orig_mod", module)
+    if isinstance(target, SALModule):
+        return target.sal_plan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transform(module, example_inputs, config, **overrides).sal_plan

@@ -1,0 +1,135 @@
+"""Analysis: one walk over the graph builds a Plan, a plain printable value the passes read.
+
+The graph is mirrored into a networkx DiGraph (the dataflow the analysis reasons about): which
+layers reach the output (the head), which activations need an error signal (DFA taps).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import networkx as nx
+import torch.fx as fx
+
+from .config import SALConfig
+from .layers import LayerSpec, Unsupported, WeightTracer, recognise
+
+
+@dataclass
+class LayerEntry:
+    name: str          # qualified name of the layer (module path, or the node for functional calls)
+    op: str            # linear, conv2d, conv_transpose1d, matmul, bmm, einsum...
+    weight: str        # qualified name of the parameter
+    shape: List[int]   # the parameter's shape
+    feedback: str      # fa | dfa | bp
+    role: str          # hidden | head
+    node: str          # FX node name
+    via: str = ""      # ops between the parameter and the layer (t, chunk...), mirrored onto B
+    feedback_buffer: str = ""  # qualified name of its B (FA) or D (DFA) buffer
+
+
+@dataclass
+class FallbackEntry:
+    name: str
+    op: str
+    weights: List[str]
+    reason: str
+    node: str
+
+
+@dataclass
+class Plan:
+    capture: str
+    config: Dict
+    layers: List[LayerEntry] = field(default_factory=list)
+    backprop: List[FallbackEntry] = field(default_factory=list)
+    dfa_taps: List[str] = field(default_factory=list)
+
+    @property
+    def head(self) -> Optional[LayerEntry]:
+        return next((l for l in self.layers if l.role == "head"), None)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        d = json.loads(text)
+        return cls(capture=d["capture"], config=d["config"],
+                   layers=[LayerEntry(**l) for l in d["layers"]],
+                   backprop=[FallbackEntry(**f) for f in d["backprop"]],
+                   dfa_taps=list(d.get("dfa_taps", [])))
+
+    def __str__(self) -> str:
+        c = self.config
+        lines = [f"salcompile plan  (captured by {self.capture}; feedback={c.get('feedback')}, "
+                 f"init={c.get('feedback_init')}, scale={c.get('feedback_scale')}, "
+                 f"seed={c.get('feedback_seed')}, areas={c.get('areas')})"]
+        rows = [("layer", "op", "weight", "shape", "feedback", "role")]
+        for l in self.layers:
+            w = l.weight + (f" via {l.via}" if l.via else "")
+            rows.append((l.name, l.op, w, "x".join(map(str, l.shape)), l.feedback, l.role))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            lines.append("  " + "  ".join(s.ljust(w) for s, w in zip(r, widths)).rstrip())
+        if not self.layers:
+            lines.append("  (no weight-carrying linear maps found)")
+        if self.backprop:
+            lines.append("left on backprop:")
+            for f in self.backprop:
+                lines.append(f"  {f.name} ({f.op}; {', '.join(f.weights)}): {f.reason}")
+        if self.dfa_taps:
+            lines.append(f"DFA taps (activations receiving e·D): {', '.join(self.dfa_taps)}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def dataflow_graph(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n.name)
+        for i in n.all_input_nodes:
+            g.add_edge(i.name, n.name)
+    return g
+
+
+def layer_name(node: fx.Node, param: str) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return path.replace("L['self'].", "").replace("L__self___", "")
+    if node.op == "call_function" and "." in param:
+        return param.rsplit(".", 1)[0]
+    return node.name
+
+
+def analyse(gm: fx.GraphModule, config: SALConfig, capture: str):
+    """Return (plan, specs, unsupported): the printable plan and the node-level facts passes use."""
+    tracer = WeightTracer(gm)
+    specs: List[LayerSpec] = []
+    unsupported: List[Unsupported] = []
+    for n in gm.graph.nodes:
+        r = recognise(n, tracer, gm)
+        if isinstance(r, LayerSpec):
+            specs.append(r)
+        elif isinstance(r, Unsupported):
+            unsupported.append(r)
+    flow = dataflow_graph(gm.graph)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    reaching = nx.ancestors(flow, output.name)
+    head = next((s for s in reversed(specs) if s.node.name in reaching), None)
+    plan = Plan(capture=capture, config=config.to_dict())
+    for s in specs:
+        via = [c.target._opname if hasattr(c.target, "_opname") else str(c.target)
+               for c in tracer.chain(s.weight)]
+        plan.layers.append(LayerEntry(
+            name=layer_name(s.node, s.param), op=s.op, weight=s.param,
+            shape=list(tracer.params[s.param].shape), feedback=config.feedback,
+            role="head" if s is head else "hidden", node=s.node.name, via=".".join(via)))
+    for u in unsupported:
+        plan.backprop.append(FallbackEntry(name=layer_name(u.node, u.params[0]), op=u.op,
+                                           weights=u.params, reason=u.reason, node=u.node.name))
+    return plan, specs, unsupported, tracer, head
