@@ -65,11 +65,8 @@ def attach_dfa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SA
     if not taps:
         return gm
     y = head.node
-    with g.inserting_after(y):
-        d_nodes = []
-        for name in d_names:
-            d_nodes.append(g.get_attr(name))
-    with g.inserting_after(d_nodes[-1]):
+    with g.inserting_before(y.next):  # (inserting_after would reverse the order)
+        d_nodes = [g.get_attr(name) for name in d_names]
         dfa = g.call_function(torch.ops.salcompile.dfa_output.default, (y, list(taps), d_nodes))
     dfa.meta = dict(y.meta)
     y.replace_all_uses_with(dfa, delete_user_cb=lambda u: u is not dfa)

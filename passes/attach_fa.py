@@ -23,7 +23,11 @@ def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SAL
     match = config.feedback_scale == "match"
     buffers = {}
     params = tracer.params
+    replaced = {}  # old layer node -> its FA op, for specs that read an earlier layer's output
     for spec, entry in zip(specs, plan.layers):
+        spec.x = replaced.get(spec.x, spec.x)
+        if spec.bias is not None:
+            spec.bias = replaced.get(spec.bias, spec.bias)
         p = spec.param
         if p not in buffers:
             w = params[p]
@@ -55,7 +59,7 @@ def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SAL
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         g.erase_node(node)
-        spec.node = new
+        replaced[node] = spec.node = new
     g.lint()
     gm.recompile()
     return gm

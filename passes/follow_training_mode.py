@@ -29,7 +29,7 @@ def follow_training_mode(gm: fx.GraphModule) -> fx.GraphModule:
         if training is None:
             first = next(iter(g.nodes))
             with g.inserting_before(first):
-                training = g.get_attr("training")
+                training = g.create_node("get_attr", "training", name="training")
         return training
 
     for node in list(g.nodes):

@@ -10,8 +10,9 @@ from .config import SALConfig
 from .errors import SalcompileError
 from .module import SALModule, feedback_matrices
 from .pipeline import plan, transform
-from . import metrics  # noqa: E402
+from .archive import load, save
+from . import metrics
 
 __version__ = "0.1.0"
 __all__ = ["SALConfig", "SALModule", "SalcompileError", "transform", "plan", "feedback_matrices",
-           "compile", "metrics", "__version__"]
+           "compile", "metrics", "save", "load", "__version__"]

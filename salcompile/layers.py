@@ -139,6 +139,8 @@ def _conv_params(node, a, nd, transposed, w_shape):
 
 def recognise(node: fx.Node, tracer: WeightTracer, gm: fx.GraphModule):
     """A LayerSpec, an Unsupported, or None (not a parameter-carrying op)."""
+    if node.op == "call_module":
+        return _leaf_module(node, gm)
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
     t = node.target
@@ -188,6 +190,20 @@ def recognise(node: fx.Node, tracer: WeightTracer, gm: fx.GraphModule):
         w, x, p = (operands[0], operands[1], ps[0]) if wf else (operands[1], operands[0], ps[1])
         return LayerSpec(node, "einsum", "einsum", x, w, p, equation=eq, weight_first=wf)
     return _maybe_unsupported(node, tracer)
+
+
+def _leaf_module(node: fx.Node, gm: fx.GraphModule):
+    """symbolic_trace keeps torch.nn modules whole: their weights never reach the FA pass."""
+    mod = gm.get_submodule(node.target)
+    ps = [f"{node.target}.{n}" for n, p in mod.named_parameters() if p.dim() >= 2]
+    if not ps or isinstance(mod, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+        return None
+    if isinstance(mod, torch.nn.RNNBase):
+        return Unsupported(node, type(mod).__name__, ps, "recurrent layer: kept on backprop (FA "
+                                                         "not implemented for its fused kernel)")
+    return Unsupported(node, type(mod).__name__, ps,
+                       "traced as one opaque module by symbolic_trace; pass example_inputs so "
+                       "torch.export captures its inner layers")
 
 
 def _maybe_unsupported(node: fx.Node, tracer: WeightTracer):

@@ -1,0 +1,42 @@
+"""Saving a transformed module as a torch.export archive, and loading it back to train."""
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import torch
+import torch.fx as fx
+
+from .capture import _batch_dynamic
+from .errors import SalcompileError
+from .files import PLAN_FILE, atomic_write, check_output, load_export
+from .module import require_sal
+
+
+def save(module, example_inputs: Tuple[Any, ...], path, force: bool = False) -> None:
+    """Export the transformed module (its FA/DFA ops included) to `path`, atomically.
+
+    Reload with `salcompile.load(path)`; it trains with the same feedback, not with backprop.
+    """
+    sal = require_sal(module)
+    out = check_output(path, force)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    dyn, _ = _batch_dynamic(tuple(example_inputs), {})
+    was = sal.training
+    sal.train()
+    try:
+        ep = torch.export.export(sal, tuple(example_inputs), dynamic_shapes=dyn, strict=False)
+    except Exception as exc:
+        raise SalcompileError(f"could not export the transformed module: {type(exc).__name__}: "
+                              f"{exc}") from exc
+    finally:
+        sal.train(was)
+    atomic_write(out, lambda tmp: torch.export.save(
+        ep, tmp, extra_files={PLAN_FILE: sal.sal_plan.to_json()}))
+
+
+def load(path) -> torch.nn.Module:
+    """Load an archive written by `save`/`convert` as a trainable module (train mode)."""
+    ep = load_export(path)
+    unlifted = ep.module()
+    return fx.GraphModule(unlifted, unlifted.graph)

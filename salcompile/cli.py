@@ -1,0 +1,128 @@
+"""Command line: `python -m salcompile convert|inspect ...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import List, Optional
+
+import torch
+
+from .config import FEEDBACK_INITS, FEEDBACK_MODES, FEEDBACK_SCALES, SALConfig
+from .errors import SalcompileError
+from . import files
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m salcompile",
+        description="Compile PyTorch models to train with SAL (feedback alignment, no backprop).")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def source_args(p):
+        p.add_argument("input", help="a torch.export archive, or a state_dict saved with torch.save "
+                                     "(then give --model), or a pickled module (--trust-pickle)")
+        p.add_argument("--model", help="zoo model whose architecture a state_dict file fills in")
+        p.add_argument("--input-shape", help="example input shape without the batch dimension, "
+                                             "e.g. 64 or 1,28,28 (when the file carries none)")
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="allow loading a fully pickled module. DANGER: this runs code stored "
+                            "in the file; only use it on files you made yourself")
+
+    c = sub.add_parser("convert", help="transform a model file and save a trainable .pt2 archive")
+    source_args(c)
+    c.add_argument("-o", "--output", required=True, help="output torch.export archive (.pt2)")
+    c.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    c.add_argument("--feedback", choices=FEEDBACK_MODES, default="fa")
+    c.add_argument("--feedback-init", choices=FEEDBACK_INITS, default="kaiming_uniform")
+    c.add_argument("--feedback-scale", choices=FEEDBACK_SCALES, default="match")
+    c.add_argument("--feedback-seed", type=int, default=0)
+    c.add_argument("--areas", type=int, default=1, help="number of parameter areas K (1 = dense)")
+
+    i = sub.add_parser("inspect", help="print the plan of a model file")
+    source_args(i)
+    return ap
+
+
+def _shape(text: Optional[str]):
+    if not text:
+        return None
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise SalcompileError(f"--input-shape {text!r}: expected integers separated by commas, "
+                              "e.g. 1,28,28.") from None
+
+
+def _load_source(args):
+    """(module, example_inputs or None, embedded plan text) from the input file."""
+    fmt = files.detect_format(args.input)
+    shape = _shape(args.input_shape)
+    if fmt == files.EXPORT:
+        extra = {files.PLAN_FILE: ""}
+        ep = files.load_export(args.input, extra_files=extra)
+        example = ep.example_inputs[0] if ep.example_inputs else None
+        if shape is not None:
+            example = (torch.randn(2, *shape),)
+        if example is None:
+            raise SalcompileError(f"{args.input} carries no example inputs; pass --input-shape.")
+        return ep.module(), tuple(example), extra[files.PLAN_FILE]
+    if fmt == files.STATE_DICT:
+        if not args.model:
+            raise SalcompileError(f"{args.input} is a state_dict (weights only): name the "
+                                  "architecture with --model NAME (see the zoo: "
+                                  "salcompile.models.REGISTRY).")
+        from .models import build, example_input
+        model = build(args.model)
+        try:
+            model.load_state_dict(files.load_state_dict(args.input))
+        except RuntimeError as exc:
+            raise SalcompileError(f"{args.input} does not fit --model {args.model}: "
+                                  f"{str(exc).splitlines()[0]}") from exc
+        example = (torch.randn(2, *shape),) if shape else (example_input(args.model),)
+        return model, example, ""
+    model = files.load_pickled_module(args.input, args.trust_pickle)
+    if shape is None:
+        raise SalcompileError("a pickled module carries no example input: pass --input-shape.")
+    return model, (torch.randn(2, *shape),), ""
+
+
+def _convert(args) -> int:
+    from .archive import save
+    from .pipeline import transform
+    out = files.check_output(args.output, args.force)
+    config = SALConfig(feedback=args.feedback, feedback_init=args.feedback_init,
+                       feedback_scale=args.feedback_scale, feedback_seed=args.feedback_seed,
+                       areas=args.areas)
+    model, example, embedded = _load_source(args)
+    if embedded:
+        raise SalcompileError(f"{args.input} was already converted by salcompile; convert the "
+                              "original model.")
+    sal = transform(model, example, config)
+    save(sal, example, out, force=args.force)
+    print(sal.sal_plan)
+    print(f"wrote {out}  (reload: salcompile.load({str(out)!r}); it trains with "
+          f"{config.feedback.upper()})")
+    return 0
+
+
+def _inspect(args) -> int:
+    from .plan import Plan
+    from .pipeline import plan
+    model, example, embedded = _load_source(args)
+    if embedded:
+        print(Plan.from_json(embedded))
+    else:
+        print(plan(model, example))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return {"convert": _convert, "inspect": _inspect}[args.command](args)
+    except SalcompileError as exc:
+        print(f"salcompile: error: {exc}", file=sys.stderr)
+        return 2
