@@ -4,11 +4,10 @@ from __future__ import annotations
 from typing import Any, Tuple
 
 import torch
-import torch.fx as fx
 
 from .capture import _batch_dynamic
 from .errors import SalcompileError
-from .files import PLAN_FILE, atomic_write, check_output, load_export
+from .files import PLAN_FILE, atomic_write, check_output, load_export, module_from_export
 from .module import require_sal
 
 
@@ -37,6 +36,4 @@ def save(module, example_inputs: Tuple[Any, ...], path, force: bool = False) -> 
 
 def load(path) -> torch.nn.Module:
     """Load an archive written by `save`/`convert` as a trainable module (train mode)."""
-    ep = load_export(path)
-    unlifted = ep.module()
-    return fx.GraphModule(unlifted, unlifted.graph)
+    return module_from_export(load_export(path))

@@ -66,7 +66,7 @@ def _load_source(args):
             example = (torch.randn(2, *shape),)
         if example is None:
             raise SalcompileError(f"{args.input} carries no example inputs; pass --input-shape.")
-        return ep.module(), tuple(example), extra[files.PLAN_FILE]
+        return files.module_from_export(ep), tuple(example), extra[files.PLAN_FILE]
     if fmt == files.STATE_DICT:
         if not args.model:
             raise SalcompileError(f"{args.input} is a state_dict (weights only): name the "

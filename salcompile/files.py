@@ -91,6 +91,19 @@ def load_export(path, extra_files=None) -> torch.export.ExportedProgram:
                               "Re-create it with torch.export.save.") from exc
 
 
+def module_from_export(ep: torch.export.ExportedProgram) -> torch.nn.Module:
+    """A trainable module from an exported program, without the input-shape guards of that export
+    (a later transform() exports again and derives its own)."""
+    import torch.fx as fx
+    unlifted = ep.module()
+    gm = fx.GraphModule(unlifted, unlifted.graph)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def read_plan_text(path) -> str:
     """The plan salcompile embedded in an archive it wrote ('' for other archives)."""
     extra = {PLAN_FILE: ""}
@@ -113,7 +126,7 @@ def check_output(path, force: bool) -> Path:
 def atomic_write(path, write: Callable[[str], Any]) -> None:
     """Call write(tmp_path) and rename tmp to `path`: readers never see a half-written file."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".tmp{p.suffix}", dir=p.parent or ".")
     os.close(fd)
     try:
         write(tmp)

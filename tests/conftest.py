@@ -106,7 +106,8 @@ def loss_of(out):
 def grads(module, *inputs):
     module.zero_grad(set_to_none=True)
     loss_of(module(*inputs)).backward()
-    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    return {n.removeprefix("_orig_mod."): p.grad.detach().clone()
+            for n, p in module.named_parameters() if p.grad is not None}
 
 
 def assert_grads_equal(a, b, rtol=1e-9, atol=1e-10):

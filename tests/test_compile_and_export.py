@@ -1,0 +1,54 @@
+"""Backends give the eager transformed model's gradients: torch.compile and export round trips."""
+import pytest
+import torch
+
+import salcompile
+from conftest import ResCNN, assert_grads_equal, grads, mlp
+
+
+def _cases():
+    return [("mlp", mlp(), torch.randn(6, 8)), ("cnn", ResCNN(), torch.randn(3, 3, 6, 6))]
+
+
+@pytest.mark.parametrize("feedback", ["fa", "dfa"])
+@pytest.mark.parametrize("name,model,x", _cases(), ids=["mlp", "cnn"])
+def test_compile_fullgraph_zero_breaks_same_gradients(name, model, x, feedback):
+    if name == "cnn" and feedback == "dfa":
+        model = model.eval()  # keep one cnn compile per mode: the dfa variant runs in eval mode
+    sal = salcompile.transform(model, (x,), feedback=feedback)
+    eager = grads(sal, x)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(sal)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = salcompile.compile(sal)
+    torch.testing.assert_close(compiled(x), sal(x), rtol=1e-5, atol=1e-6)
+    assert_grads_equal(grads(compiled, x), eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("feedback", ["fa", "dfa"])
+def test_saved_archive_reloads_and_trains_with_feedback_not_backprop(tmp_path, feedback):
+    model, x = mlp(), torch.randn(6, 8)
+    sal = salcompile.transform(model, (x,), feedback=feedback)
+    path = tmp_path / "m.pt2"
+    salcompile.save(sal, (x,), path)
+    loaded = salcompile.load(path)
+    expected = grads(sal, x)
+    got = grads(loaded, x)
+    assert_grads_equal(got, expected, rtol=1e-5, atol=1e-6)
+    bp = grads(salcompile.metrics.backprop_reference(sal), x)
+    assert not torch.allclose(got["layers.0.weight"], bp["layers.0.weight"], atol=1e-4)
+    # other batch sizes work (the batch dimension is exported dynamic)
+    assert loaded(torch.randn(3, 8)).shape == (3, 3)
+    # feedback buffers travel in the archive
+    assert any(n.endswith("_feedback") or n.endswith("_dfa") for n, _ in loaded.named_buffers())
+
+
+def test_save_refuses_to_overwrite_and_leaves_nothing_behind(tmp_path):
+    sal, x = salcompile.transform(mlp()), torch.randn(2, 8)
+    path = tmp_path / "m.pt2"
+    path.write_bytes(b"keep me")
+    with pytest.raises(salcompile.SalcompileError, match="exists"):
+        salcompile.save(sal, (x,), path)
+    assert path.read_bytes() == b"keep me"
+    salcompile.save(sal, (x,), path, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]

@@ -1,0 +1,173 @@
+"""Bad input gets a SalcompileError that says what to do; the CLI never unpickles by default."""
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import salcompile
+from salcompile import SalcompileError
+from salcompile.cli import main
+from conftest import Functional, mlp
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a tensor value
+            return self.l(x)
+        return -self.l(x)
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["export", "symbolic_trace"])
+def test_untraceable_model_names_the_construct_and_remedy(example):
+    with pytest.raises(SalcompileError) as err:
+        salcompile.transform(DataDependent(), (torch.randn(2, 4),) if example else None)
+    msg = str(err.value)
+    assert "could not capture" in msg
+    assert ("control flow" in msg) or ("example_inputs" in msg)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"feedback": "magic"}, "['fa', 'dfa', 'bp']"),
+    ({"feedback_init": "zeros"}, "kaiming_uniform"),
+    ({"feedback_scale": "huge"}, "match"),
+    ({"areas": 0}, ">= 1"),
+    ({"areas": 16}, "not implemented"),
+    ({"feedback": "dfa", "feedback_init": "weights"}, "no weight"),
+    ({"not_a_field": 1}, "unknown SALConfig field"),
+])
+def test_bad_configuration(kwargs, needle):
+    with pytest.raises(SalcompileError, match=None) as err:
+        salcompile.transform(mlp(), **kwargs)
+    assert needle in str(err.value)
+
+
+def test_not_a_module_and_already_transformed():
+    with pytest.raises(SalcompileError, match="nn.Module"):
+        salcompile.transform(lambda x: x)
+    sal = salcompile.transform(mlp())
+    with pytest.raises(SalcompileError, match="already been transformed"):
+        salcompile.transform(sal)
+    with pytest.raises(SalcompileError, match="salcompile.transform"):
+        salcompile.feedback_matrices(mlp())
+
+
+def test_dfa_without_shapes_or_with_misaligned_output():
+    with pytest.raises(SalcompileError, match="example_inputs"):
+        salcompile.transform(mlp(), feedback="dfa")
+    with pytest.raises(SalcompileError, match="leading dimensions"):
+        salcompile.transform(Functional(), (torch.randn(3, 5),), feedback="dfa")
+
+
+def test_recurrent_layer_keeps_backprop_with_a_warning_and_is_in_the_plan():
+    class RNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    with pytest.warns(UserWarning, match="rnn.*keeps backprop"):
+        sal = salcompile.transform(RNN(), (torch.randn(2, 5, 4),))
+    plan = sal.sal_plan
+    assert [l.weight for l in plan.layers] == ["fc.weight"]
+    assert plan.backprop and "recurrent" in plan.backprop[0].reason
+    assert "left on backprop" in str(plan) and "rnn" in str(plan)
+
+
+# ---------------------------------------------------------------- CLI
+def _run(*args):
+    return main([str(a) for a in args])
+
+
+@pytest.fixture
+def files(tmp_path):
+    model, x = mlp(64, 256, 10, depth=2), torch.randn(2, 64)
+    ep = torch.export.export(model, (x,))
+    torch.export.save(ep, tmp_path / "model.pt2")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    return tmp_path
+
+
+def test_cli_convert_export_archive_and_inspect(files, capsys):
+    out = files / "out.sal.pt2"
+    assert _run("convert", files / "model.pt2", "-o", out, "--feedback", "fa") == 0
+    loaded = salcompile.load(out)
+    x = torch.randn(5, 64)
+    loaded(x).square().sum().backward()
+    assert loaded.get_parameter("layers.0.weight").grad is not None
+    capsys.readouterr()
+    assert _run("inspect", out) == 0
+    text = capsys.readouterr().out
+    assert "layers.0.weight" in text and "fa" in text
+
+
+def test_cli_convert_state_dict_needs_model_name(files, capsys):
+    out = files / "o.pt2"
+    assert _run("convert", files / "weights.pt", "-o", out) == 2
+    assert "--model" in capsys.readouterr().err and not out.exists()
+    assert _run("convert", files / "weights.pt", "--model", "mlp", "-o", out, "--feedback", "dfa") == 0
+    assert out.exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_cli_refuses_a_pickle_that_would_run_code(files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    torch.save({"model": _Evil()}, files / "evil.pt")
+    for cmd in (["convert", files / "evil.pt", "-o", files / "x.pt2"], ["inspect", files / "evil.pt"]):
+        assert _run(*cmd) == 2
+        assert "runs code" in capsys.readouterr().err
+    assert not (files / "PWNED").exists() and not (files / "x.pt2").exists()
+
+
+def test_cli_trust_pickle_loads_a_pickled_module(files):
+    torch.save(mlp(), files / "full.pt")
+    assert _run("convert", files / "full.pt", "-o", files / "f.pt2", "--trust-pickle",
+                "--input-shape", "8") == 0
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "empty"),
+    (b"hello, not a model", "not a model file"),
+    (None, "truncated"),
+])
+def test_cli_bad_files(files, capsys, content, needle):
+    bad = files / "bad.pt2"
+    if content is None:  # a truncated export archive
+        data = (files / "model.pt2").read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+        needle = "" if not zipfile.is_zipfile(bad) else needle
+    else:
+        bad.write_bytes(content)
+    assert _run("convert", bad, "-o", files / "o.pt2") == 2
+    assert needle in capsys.readouterr().err
+    assert not (files / "o.pt2").exists()
+    assert not [p for p in files.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_cli_existing_output_and_missing_input(files, capsys):
+    (files / "o.pt2").write_bytes(b"precious")
+    assert _run("convert", files / "model.pt2", "-o", files / "o.pt2") == 2
+    assert "--force" in capsys.readouterr().err
+    assert (files / "o.pt2").read_bytes() == b"precious"
+    assert _run("convert", files / "nope.pt2", "-o", files / "p.pt2") == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_python_dash_m_help():
+    r = subprocess.run([sys.executable, "-m", "salcompile", "convert", "--help"],
+                       capture_output=True, text=True, check=True)
+    assert "--trust-pickle" in r.stdout and "runs code" in r.stdout.replace("\n", " ")
