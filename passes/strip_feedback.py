@@ -14,7 +14,10 @@ ops = torch.ops.salcompile
 def strip_feedback(graph: fx.Graph) -> fx.Graph:
     """Return a copy of `graph` with FA ops turned back into aten ops and DFA taps removed."""
     import copy
-    g = copy.deepcopy(graph)
+    import warnings
+    with warnings.catch_warnings():  # torch's own pytree deprecation noise on deepcopy
+        warnings.simplefilter("ignore", FutureWarning)
+        g = copy.deepcopy(graph)
     feedback_nodes = []
     for node in list(g.nodes):
         t = node.target

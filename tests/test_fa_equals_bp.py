@@ -45,3 +45,26 @@ def test_tied_parameter_gets_one_feedback_and_both_gradients():
     fb = salcompile.feedback_matrices(sal)
     assert set(fb) == {"emb.weight", "mix.weight"}
     assert fb["emb.weight"].shape == sal.get_parameter("emb.weight").shape
+
+
+class PaddingForms(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.same = torch.nn.Conv2d(2, 3, 3, padding="same")
+        self.reflect = torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
+        self.valid = torch.nn.Conv1d(2, 2, 3, padding="valid")
+
+    def forward(self, x):
+        h = torch.tanh(self.reflect(torch.tanh(self.same(x))))
+        h = torch.nn.functional.conv_transpose2d(h, self.same.weight)  # tied, transposed use
+        return self.valid(h.flatten(2))
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["export", "symbolic_trace"])
+def test_conv_padding_forms(example):
+    model, x = PaddingForms().double(), torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    sal = salcompile.transform(model, (x,) if example else None, feedback_init="weights",
+                               feedback_scale="none")
+    assert len(sal.sal_plan.layers) == 4 and not sal.sal_plan.backprop
+    torch.testing.assert_close(sal(x), model(x))
+    assert_grads_equal(grads(sal, x), grads(model, x))
