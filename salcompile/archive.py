@@ -5,7 +5,7 @@ from typing import Any, Tuple
 
 import torch
 
-from .capture import _batch_dynamic
+from .capture import batch_dynamic
 from .errors import SalcompileError
 from .files import PLAN_FILE, atomic_write, check_output, load_export, module_from_export
 from .module import require_sal
@@ -20,11 +20,10 @@ def save(module, example_inputs: Tuple[Any, ...], path, force: bool = False) -> 
     out = check_output(path, force)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    dyn, _ = _batch_dynamic(tuple(example_inputs), {})
     was = sal.training
     sal.train()
     try:
-        ep = torch.export.export(sal, tuple(example_inputs), dynamic_shapes=dyn, strict=False)
+        ep = torch.export.export(sal, tuple(example_inputs), dynamic_shapes=batch_dynamic(tuple(example_inputs)), strict=False)
     except Exception as exc:
         raise SalcompileError(f"could not export the transformed module: {type(exc).__name__}: "
                               f"{exc}") from exc

@@ -18,20 +18,23 @@ from torch.utils import _pytree as pytree
 from .errors import SalcompileError
 
 
-def capture(model: nn.Module, example_inputs: Optional[Tuple[Any, ...]] = None,
-            example_kwargs: Optional[dict] = None) -> Tuple[fx.GraphModule, str]:
+def capture(model: nn.Module, example_inputs: Optional[Tuple[Any, ...]] = None
+            ) -> Tuple[fx.GraphModule, str]:
     """Return (graph module, how it was captured: "export" or "symbolic_trace").
 
     The model is deep-copied first: the transformed module never shares parameters with the
     caller's model, so training one leaves the other untouched.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        from .files import module_from_export
+        if example_inputs is None and model.example_inputs:
+            example_inputs = tuple(model.example_inputs[0])
+        model = module_from_export(model)
     if not isinstance(model, nn.Module):
         raise SalcompileError(
             f"transform() needs a torch.nn.Module, got {type(model).__name__}. "
             "Wrap a function in an nn.Module whose forward calls it."
         )
-    if isinstance(model, torch.export.ExportedProgram):  # pragma: no cover - not an nn.Module
-        model = model.module()
     model = copy.deepcopy(model)
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
@@ -39,32 +42,31 @@ def capture(model: nn.Module, example_inputs: Optional[Tuple[Any, ...]] = None,
         if not isinstance(example_inputs, tuple):
             example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) \
                 else (example_inputs,)
-        return _export(model, example_inputs, example_kwargs or {}), "export"
+        return _export(model, example_inputs), "export"
     return _symbolic_trace(model), "symbolic_trace"
 
 
-def _batch_dynamic(example_inputs, example_kwargs):
+def batch_dynamic(example_inputs):
+    """dynamic_shapes for torch.export: dimension 0 of every tensor input may vary."""
     def spec(t):
         if isinstance(t, torch.Tensor) and t.dim() > 0:
             return {0: Dim.AUTO}
         return None
-    return (pytree.tree_map(spec, example_inputs), pytree.tree_map(spec, example_kwargs))
+    return pytree.tree_map(spec, example_inputs)
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    for t in pytree.tree_leaves((args, kwargs)):
+def _export(model: nn.Module, args: tuple) -> fx.GraphModule:
+    for t in pytree.tree_leaves(args):
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1:
             warnings.warn(
                 "example_inputs have batch size 1, so torch.export fixes the batch size at 1; "
                 "pass a batch of 2 or more to get a module that accepts any batch size.",
                 stacklevel=3)
             break
-    dyn_args, dyn_kwargs = _batch_dynamic(args, kwargs)
-    dynamic = dyn_args if not kwargs else {**_named(model, dyn_args), **dyn_kwargs}
     was_training = model.training
     model.train()  # capture the training graph; mode-dependent ops are re-tied to .training later
     try:
-        ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic, strict=False)
+        ep = torch.export.export(model, args, dynamic_shapes=batch_dynamic(args), strict=False)
     except Exception as exc:  # torch raises many types; all mean "cannot capture"
         raise SalcompileError(_capture_message("torch.export", exc)) from exc
     unlifted = ep.module()
@@ -72,12 +74,6 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     gm = fx.GraphModule(unlifted, unlifted.graph)
     gm.train(was_training)
     return gm
-
-
-def _named(model, dyn_args):
-    import inspect
-    names = list(inspect.signature(model.forward).parameters)
-    return dict(zip(names, dyn_args))
 
 
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:

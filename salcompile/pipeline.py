@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from .capture import capture
@@ -23,6 +24,7 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
               config: Optional[SALConfig] = None, **overrides: Any) -> SALModule:
     """Rewrite `model` so it trains with SAL. Returns a new module; `model` is left untouched.
 
+    model: an nn.Module, or a torch.export.ExportedProgram (its example inputs are reused).
     example_inputs: a tuple of example arguments (a batch of 2 or more). Given, the model is captured
     with torch.export (handles attention, functional code); omitted, with torch.fx.symbolic_trace.
     config / overrides: a SALConfig, and/or its fields as keywords (`feedback="dfa"`).
@@ -34,7 +36,7 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
         raise SalcompileError("this module has already been transformed by salcompile; transform the "
                               "original model instead.")
     p = _passes()
-    original_keys = list(model.state_dict().keys()) if isinstance(model, nn.Module) else []
+    original_keys = _state_keys(model)
     gm, how = capture(model, example_inputs)
     gm = p.normalize_layers(gm)
     gm = p.follow_training_mode(gm)
@@ -46,8 +48,16 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     elif config.feedback == "dfa":
         gm = p.attach_dfa(gm, specs, plan, tracer, config, head)
     sal = SALModule(gm, gm.graph, plan, config, original_keys)
-    sal.train(model.training)
+    sal.train(getattr(model, "training", True))
     return sal
+
+
+def _state_keys(model):
+    if isinstance(model, nn.Module):
+        return list(model.state_dict().keys())
+    if isinstance(model, torch.export.ExportedProgram):
+        return list(model.state_dict.keys())
+    return []
 
 
 def plan(module: nn.Module, example_inputs: Optional[Any] = None,

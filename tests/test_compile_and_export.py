@@ -52,3 +52,12 @@ def test_save_refuses_to_overwrite_and_leaves_nothing_behind(tmp_path):
     assert path.read_bytes() == b"keep me"
     salcompile.save(sal, (x,), path, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
+
+
+def test_transform_accepts_an_exported_program():
+    model, x = mlp(), torch.randn(4, 8)
+    ep = torch.export.export(model, (x,))
+    sal = salcompile.transform(ep, feedback_init="weights", feedback_scale="none")
+    assert sal.sal_plan.capture == "export"
+    torch.testing.assert_close(sal(x), model(x))
+    assert_grads_equal(grads(sal, x), grads(model, x), rtol=1e-5, atol=1e-6)

@@ -30,10 +30,9 @@ def _setup(ctx, inputs, output):
     out, taps, feedback = inputs
     ctx.save_for_backward(*feedback)
     ctx.tap_shapes = [t.shape for t in taps]
-    ctx.lead = out.shape[:-1]
 
 
-def direct_error(err: Tensor, d: Tensor, tap_shape, lead) -> Tensor:
+def direct_error(err: Tensor, d: Tensor, tap_shape) -> Tensor:
     """e·D reshaped to the tap's shape."""
     e2 = err.reshape(-1, err.shape[-1])
     return e2.matmul(d.to(err.dtype)).reshape(tap_shape)
@@ -41,7 +40,7 @@ def direct_error(err: Tensor, d: Tensor, tap_shape, lead) -> Tensor:
 
 def _backward(ctx, grad):
     feedback = ctx.saved_tensors
-    tap_grads = [direct_error(grad, d, shape, ctx.lead) for d, shape in zip(feedback, ctx.tap_shapes)]
+    tap_grads = [direct_error(grad, d, shape) for d, shape in zip(feedback, ctx.tap_shapes)]
     return grad, tap_grads, [None] * len(feedback)
 
 
