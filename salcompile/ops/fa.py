@@ -16,11 +16,13 @@ from torch import Tensor
 _TINY = 1e-12
 
 
-def matched_feedback(feedback: Tensor, weight: Tensor, match_norm: bool) -> Tensor:
-    """B, or B rescaled to the Frobenius norm of W."""
+def rescale(grad_input: Tensor, feedback: Tensor, weight: Tensor, match_norm: bool) -> Tensor:
+    """With match_norm, the input gradient computed with B becomes the one computed with
+    B·‖W‖/‖B‖. The ops are linear in B, so the scalar is applied to the (smaller) gradient
+    instead of to a rescaled copy of B."""
     if not match_norm:
-        return feedback
-    return feedback * (weight.norm() / feedback.norm().clamp_min(_TINY))
+        return grad_input
+    return grad_input * (weight.norm() / feedback.norm().clamp_min(_TINY))
 
 
 # ---------------------------------------------------------------- linear: y = x Wᵀ + b
@@ -47,7 +49,7 @@ def _linear_backward(ctx, grad):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     gx = gw = gb = None
     if need_x:
-        gx = grad.matmul(matched_feedback(feedback, weight, ctx.match_norm))
+        gx = rescale(grad.matmul(feedback), feedback, weight, ctx.match_norm)
     if need_w or need_b:
         g2 = grad.reshape(-1, grad.shape[-1])
         if need_w:
@@ -111,11 +113,11 @@ def _conv_backward(ctx, grad):
     out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
     # grad_weight depends on the weight's shape only, so one call with B gives FA's dX and BP's dW.
     gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad.contiguous(), x, matched_feedback(feedback, weight, ctx.match_norm), [out_channels],
+        grad.contiguous(), x, feedback, [out_channels],
         stride, padding, dilation, transposed, output_padding, groups,
         [need_x, need_w, need_b and ctx.has_bias])
-    if unbatched and gx is not None:
-        gx = gx.squeeze(0)
+    if gx is not None:
+        gx = rescale(gx.squeeze(0) if unbatched else gx, feedback, weight, ctx.match_norm)
     return gx, gw, gb if ctx.has_bias else None, None, None, None, None, None, None, None, None
 
 
@@ -144,7 +146,7 @@ def _matmul_setup(ctx, inputs, output):
 def _matmul_backward(ctx, grad):
     x, weight, feedback = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[:2]
-    b = matched_feedback(feedback, weight, ctx.match_norm)
+    b = feedback
     # Give a 1-D activation its matrix form (torch.matmul's own promotion rule).
     x2, g2 = x, grad
     if x.dim() == 1:
@@ -164,6 +166,8 @@ def _matmul_backward(ctx, grad):
                 gw = x2.reshape(-1, x2.shape[-1]).t().matmul(g2.reshape(-1, g2.shape[-1]))
             else:
                 gw = x2.mT.matmul(g2).sum_to_size(weight.shape)
+    if gx is not None:
+        gx = rescale(gx, feedback, weight, ctx.match_norm)
     return gx, gw, None, None, None
 
 
@@ -225,8 +229,9 @@ def _einsum_backward(ctx, grad):
     need_x, need_w = ctx.needs_input_grad[1:3]
     t0, t1, out = parse_einsum(ctx.equation)
     xt, wt = (t1, t0) if ctx.weight_first else (t0, t1)
-    b = matched_feedback(feedback, weight, ctx.match_norm)
-    gx = _einsum_vjp(out, grad, wt, b, xt, x.shape) if need_x else None
+    gx = _einsum_vjp(out, grad, wt, feedback, xt, x.shape) if need_x else None
+    if gx is not None:
+        gx = rescale(gx, feedback, weight, ctx.match_norm)
     gw = _einsum_vjp(out, grad, xt, x, wt, weight.shape) if need_w else None
     return None, gx, gw, None, None, None
 
