@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 aten = torch.ops.aten
 
@@ -18,6 +19,10 @@ _FLAG_INDEX = {
     aten.native_dropout.default: 2,
     aten.lstm.input: 6, aten.gru.input: 6, aten.rnn_tanh.input: 6, aten.rnn_relu.input: 6,
 }
+
+# functional dropouts as symbolic_trace records them (`F.dropout(x, p, self.training)`)
+_FUNCTIONAL = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+               F.feature_alpha_dropout}
 
 
 def follow_training_mode(gm: fx.GraphModule) -> fx.GraphModule:
@@ -36,7 +41,12 @@ def follow_training_mode(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_function":
             continue
         idx = _FLAG_INDEX.get(node.target)
-        if idx is not None and len(node.args) > idx and node.args[idx] is True:
+        if node.target in _FUNCTIONAL:
+            if node.kwargs.get("training") is True:
+                node.kwargs = {**node.kwargs, "training": flag()}
+            elif len(node.args) > 2 and node.args[2] is True:
+                node.args = (*node.args[:2], flag(), *node.args[3:])
+        elif idx is not None and len(node.args) > idx and node.args[idx] is True:
             args = list(node.args)
             args[idx] = flag()
             node.args = tuple(args)

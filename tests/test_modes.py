@@ -58,7 +58,8 @@ class DropNet(nn.Module):
         self.l1, self.bn, self.drop, self.l2 = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2)
 
     def forward(self, x):
-        return self.l2(self.drop(torch.relu(self.bn(self.l1(x)))))
+        h = self.drop(torch.relu(self.bn(self.l1(x))))
+        return self.l2(torch.nn.functional.dropout(h, 0.2, self.training))  # functional form too
 
 
 @pytest.mark.parametrize("example", [True, False], ids=["export", "symbolic_trace"])
