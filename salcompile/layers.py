@@ -6,7 +6,7 @@ chain is mirrored onto B). Everything here reads the graph; nothing changes it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set
 
 import torch

@@ -1,6 +1,5 @@
 """Bad input gets a SalcompileError that says what to do; the CLI never unpickles by default."""
 import os
-import pickle
 import subprocess
 import sys
 import zipfile

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import salcompile
-from conftest import D, ResCNN, assert_grads_equal, grads, mlp, model_cases
+from conftest import ResCNN, assert_grads_equal, grads, mlp, model_cases
 
 CASES = model_cases()
 
