@@ -61,3 +61,12 @@ def test_transform_accepts_an_exported_program():
     assert sal.sal_plan.capture == "export"
     torch.testing.assert_close(sal(x), model(x))
     assert_grads_equal(grads(sal, x), grads(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_compile_transformer_encoder_fa():
+    from conftest import Encoder
+    model, x = Encoder(), torch.randn(3, 5, 8)
+    sal = salcompile.transform(model, (x,))
+    eager = grads(sal, x)
+    torch._dynamo.reset()
+    assert_grads_equal(grads(salcompile.compile(sal), x), eager, rtol=1e-4, atol=1e-5)
