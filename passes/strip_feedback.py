@@ -4,6 +4,9 @@ Used as the reference for alignment metrics: built on the same module, it shares
 """
 from __future__ import annotations
 
+import copy
+import warnings
+
 import torch
 import torch.fx as fx
 
@@ -13,8 +16,6 @@ ops = torch.ops.salcompile
 
 def strip_feedback(graph: fx.Graph) -> fx.Graph:
     """Return a copy of `graph` with FA ops turned back into aten ops and DFA taps removed."""
-    import copy
-    import warnings
     with warnings.catch_warnings():  # torch's own pytree deprecation noise on deepcopy
         warnings.simplefilter("ignore", FutureWarning)
         g = copy.deepcopy(graph)

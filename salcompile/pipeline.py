@@ -40,7 +40,7 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     gm, how = capture(model, example_inputs)
     gm = p.normalize_layers(gm)
     gm = p.follow_training_mode(gm)
-    plan, specs, unsupported, tracer, head = analyse(gm, config, how)
+    plan, specs, tracer, head = analyse(gm, config, how)
     for u in plan.backprop:
         warnings.warn(f"salcompile: {u.name} ({u.op}) keeps backprop: {u.reason}.", stacklevel=2)
     if config.feedback == "fa":

@@ -107,7 +107,8 @@ def layer_name(node: fx.Node, param: str) -> str:
 
 
 def analyse(gm: fx.GraphModule, config: SALConfig, capture: str):
-    """Return (plan, specs, unsupported): the printable plan and the node-level facts passes use."""
+    """Return (plan, specs, tracer, head): the printable plan, and the node-level facts the
+    feedback passes use (layer specs in graph order, the dataflow tracer, the head's spec)."""
     tracer = WeightTracer(gm)
     specs: List[LayerSpec] = []
     unsupported: List[Unsupported] = []
@@ -132,4 +133,4 @@ def analyse(gm: fx.GraphModule, config: SALConfig, capture: str):
     for u in unsupported:
         plan.backprop.append(FallbackEntry(name=layer_name(u.node, u.params[0]), op=u.op,
                                            weights=u.params, reason=u.reason, node=u.node.name))
-    return plan, specs, unsupported, tracer, head
+    return plan, specs, tracer, head

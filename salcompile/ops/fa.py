@@ -146,7 +146,6 @@ def _matmul_setup(ctx, inputs, output):
 def _matmul_backward(ctx, grad):
     x, weight, feedback = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[:2]
-    b = feedback
     # Give a 1-D activation its matrix form (torch.matmul's own promotion rule).
     x2, g2 = x, grad
     if x.dim() == 1:
@@ -155,12 +154,12 @@ def _matmul_backward(ctx, grad):
     gx = gw = None
     if ctx.weight_first:  # y = W x
         if need_x:
-            gx = b.mT.matmul(g2).sum_to_size(x2.shape).reshape(x.shape)
+            gx = feedback.mT.matmul(g2).sum_to_size(x2.shape).reshape(x.shape)
         if need_w:
             gw = g2.matmul(x2.mT).sum_to_size(weight.shape)
     else:  # y = x W
         if need_x:
-            gx = g2.matmul(b.mT).sum_to_size(x2.shape).reshape(x.shape)
+            gx = g2.matmul(feedback.mT).sum_to_size(x2.shape).reshape(x.shape)
         if need_w:
             if weight.dim() == 2:
                 gw = x2.reshape(-1, x2.shape[-1]).t().matmul(g2.reshape(-1, g2.shape[-1]))
