@@ -3,10 +3,15 @@
 They edit the module in place and return it; the order they run in lives in
 salcompile.pipeline, nowhere else.
 """
+from .analyse_sparsity import analyse_sparsity
 from .attach_dfa import attach_dfa
 from .attach_fa import attach_fa
+from .find_regions import find_regions
 from .follow_training_mode import follow_training_mode
+from .insert_gates import insert_gates
+from .make_area_ops import make_area_ops
 from .normalize_layers import normalize_layers
 from .strip_feedback import strip_feedback
 
-__all__ = ["normalize_layers", "follow_training_mode", "attach_fa", "attach_dfa", "strip_feedback"]
+__all__ = ["normalize_layers", "follow_training_mode", "find_regions", "analyse_sparsity",
+           "insert_gates", "make_area_ops", "attach_fa", "attach_dfa", "strip_feedback"]

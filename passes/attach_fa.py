@@ -34,7 +34,8 @@ def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SAL
             if config.feedback_init == "weights":
                 b = w.detach().clone()
             else:
-                b = draw_uniform(tuple(w.shape), fan_in(spec.kind, w.shape, spec.weight_first),
+                per_copy = w.shape[1:] if entry.area_mode == "replicate" else w.shape
+                b = draw_uniform(tuple(w.shape), fan_in(spec.kind, per_copy, spec.weight_first),
                                  config.feedback_seed, p, w)
             buffers[p] = register_beside(gm, p, "feedback", b)
         entry.feedback_buffer = buffers[p]
@@ -42,6 +43,11 @@ def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SAL
         with g.inserting_before(node):
             b_node = g.get_attr(buffers[p])
             b_operand = _mirror_chain(g, tracer, spec, b_node)
+            if spec.area:  # an area op: fill its feedback slot and per-area norm matching
+                args = list(node.args)
+                args[5], args[-1] = b_operand, match
+                node.args = tuple(args)
+                continue
             if spec.kind == "linear":
                 new = g.call_function(ops.fa_linear.default, (spec.x, spec.weight, spec.bias,
                                                               b_operand, match))

@@ -14,6 +14,12 @@ aten = torch.ops.aten
 ops = torch.ops.salcompile
 
 
+def _is_area_op(target) -> bool:
+    from salcompile.ops import areas
+    return target in (ops.area_linear.default, ops.area_conv.default, areas.area_linear_reference,
+                      areas.area_conv_reference)
+
+
 def strip_feedback(graph: fx.Graph) -> fx.Graph:
     """Return a copy of `graph` with FA ops turned back into aten ops and DFA taps removed."""
     with warnings.catch_warnings():  # torch's own pytree deprecation noise on deepcopy
@@ -23,6 +29,10 @@ def strip_feedback(graph: fx.Graph) -> fx.Graph:
     for node in list(g.nodes):
         t = node.target
         new = None
+        if _is_area_op(t) and node.args[5] is not None:  # area ops: empty the feedback slot
+            feedback_nodes.append(node.args[5])
+            node.args = node.args[:5] + (None,) + node.args[6:-1] + (False,)
+            continue
         with g.inserting_before(node):
             if t is ops.fa_linear.default:
                 x, w, b, _, _ = node.args

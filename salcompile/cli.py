@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import torch
 
-from .config import FEEDBACK_INITS, FEEDBACK_MODES, FEEDBACK_SCALES, SALConfig
+from .config import (AREA_IMPLS, AREA_MODES, FEEDBACK_INITS, FEEDBACK_MODES, FEEDBACK_SCALES,
+                     ROUTE_BY, SALConfig)
 from .errors import SalcompileError
 from . import files
 
@@ -33,15 +34,45 @@ def _parser() -> argparse.ArgumentParser:
     source_args(c)
     c.add_argument("-o", "--output", required=True, help="output torch.export archive (.pt2)")
     c.add_argument("--force", action="store_true", help="overwrite the output if it exists")
-    c.add_argument("--feedback", choices=FEEDBACK_MODES, default="fa")
-    c.add_argument("--feedback-init", choices=FEEDBACK_INITS, default="kaiming_uniform")
-    c.add_argument("--feedback-scale", choices=FEEDBACK_SCALES, default="match")
-    c.add_argument("--feedback-seed", type=int, default=0)
-    c.add_argument("--areas", type=int, default=1, help="number of parameter areas K (1 = dense)")
+    config_args(c)
 
-    i = sub.add_parser("inspect", help="print the plan of a model file")
+    i = sub.add_parser("inspect", help="print the plan of a model file (a converted archive shows "
+                                       "its own plan; other files the plan convert would follow)")
     source_args(i)
+    config_args(i)
     return ap
+
+
+def config_args(p: argparse.ArgumentParser) -> None:
+    """One option per SALConfig field, defaulting to SALConfig's own defaults."""
+    d = SALConfig()
+    p.add_argument("--feedback", choices=FEEDBACK_MODES, default=d.feedback)
+    p.add_argument("--feedback-init", choices=FEEDBACK_INITS, default=d.feedback_init)
+    p.add_argument("--feedback-scale", choices=FEEDBACK_SCALES, default=d.feedback_scale)
+    p.add_argument("--feedback-seed", type=int, default=d.feedback_seed)
+    p.add_argument("--areas", type=int, default=d.areas,
+                   help=f"number of parameter areas K (default {d.areas}; 1 = dense, no gates)")
+    p.add_argument("--area-mode", choices=AREA_MODES, default=d.area_mode)
+    p.add_argument("--route-by", choices=ROUTE_BY, default=d.route_by)
+    p.add_argument("--route-dim", type=int, default=d.route_dim)
+    p.add_argument("--gate-layers", default=None,
+                   help="comma-separated fnmatch patterns of the layers to gate (default: DESIGN "
+                        "regions: every layer but the head; the FFN blocks of sequence models)")
+    p.add_argument("--routing-seed", type=int, default=d.routing_seed)
+    p.add_argument("--balance-weight", type=float, default=d.balance_weight)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--area-impl", choices=AREA_IMPLS, default=d.area_impl)
+
+
+def config_from(args) -> SALConfig:
+    gate_layers = None if args.gate_layers is None else \
+        [s.strip() for s in args.gate_layers.split(",") if s.strip()]
+    return SALConfig(feedback=args.feedback, feedback_init=args.feedback_init,
+                     feedback_scale=args.feedback_scale, feedback_seed=args.feedback_seed,
+                     areas=args.areas, area_mode=args.area_mode, route_by=args.route_by,
+                     route_dim=args.route_dim, gate_layers=gate_layers,
+                     routing_seed=args.routing_seed, balance_weight=args.balance_weight,
+                     temperature=args.temperature, area_impl=args.area_impl)
 
 
 def _shape(text: Optional[str]):
@@ -91,9 +122,7 @@ def _convert(args) -> int:
     from .archive import save
     from .pipeline import transform
     out = files.check_output(args.output, args.force)
-    config = SALConfig(feedback=args.feedback, feedback_init=args.feedback_init,
-                       feedback_scale=args.feedback_scale, feedback_seed=args.feedback_seed,
-                       areas=args.areas)
+    config = config_from(args)
     model, example, embedded = _load_source(args)
     if embedded:
         raise SalcompileError(f"{args.input} was already converted by salcompile; convert the "
@@ -113,7 +142,7 @@ def _inspect(args) -> int:
     if embedded:
         print(Plan.from_json(embedded))
     else:
-        print(plan(model, example))
+        print(plan(model, example, config_from(args)))
     return 0
 
 

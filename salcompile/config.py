@@ -10,6 +10,9 @@ from .errors import SalcompileError
 FEEDBACK_MODES = ("fa", "dfa", "bp")
 FEEDBACK_INITS = ("kaiming_uniform", "weights")
 FEEDBACK_SCALES = ("match", "none")
+AREA_MODES = ("partition", "replicate")
+ROUTE_BY = ("auto", "sample", "token")
+AREA_IMPLS = ("fast", "reference")
 
 
 @dataclass(frozen=True)
@@ -23,28 +26,63 @@ class SALConfig:
                     FA then equals BP exactly, the core correctness check).
     feedback_scale: "match" rescales B to the norm of W at every step; "none" uses B as drawn.
     feedback_seed:  seeds B and D; the same seed gives the same matrices.
-    areas:          K, the number of mutually exclusive parameter areas (1 = dense).
+    areas:          K, the number of mutually exclusive parameter areas. 1 with no gate_layers: no
+                    gates (a dense model trained with feedback alignment).
+    area_mode:      "partition" (a gated layer's outputs split into K blocks, a sample computes and
+                    updates only its block) or "replicate" (K full copies of the layer, one per area).
+    route_by:       "auto" (per token for sequence activations, per sample otherwise), "sample",
+                    "token".
+    route_dim:      width of the routing space the gate projects into.
+    gate_layers:    None (default regions, DESIGN §1), a list of fnmatch patterns over layer names,
+                    or a predicate `f(layer_name) -> bool`. Given with areas=1, gates are inserted
+                    (K=1 areas, identical to dense: a check of the machinery).
+    routing_seed:   seeds the gates' prototypes and initial projections.
+    balance_weight: weight of the load-balance term in the gate's local rule.
+    temperature:    softmax temperature over prototype similarities in the gate's local rule.
+    area_impl:      "fast" (sorted, only active areas computed) or "reference" (masked dense, the
+                    oracle the fast path is tested against).
     """
 
     feedback: str = "fa"
     feedback_init: str = "kaiming_uniform"
     feedback_scale: str = "match"
     feedback_seed: int = 0
-    areas: int = 1
+    areas: int = 16
+    area_mode: str = "partition"
+    route_by: str = "auto"
+    route_dim: int = 32
+    gate_layers: Any = None
+    routing_seed: int = 0
+    balance_weight: float = 1.0
+    temperature: float = 0.1
+    area_impl: str = "fast"
 
     def __post_init__(self) -> None:
         _check_choice("feedback", self.feedback, FEEDBACK_MODES)
         _check_choice("feedback_init", self.feedback_init, FEEDBACK_INITS)
         _check_choice("feedback_scale", self.feedback_scale, FEEDBACK_SCALES)
-        if not isinstance(self.feedback_seed, int) or isinstance(self.feedback_seed, bool):
-            raise SalcompileError(f"feedback_seed must be an int, got {self.feedback_seed!r}.")
-        if not isinstance(self.areas, int) or isinstance(self.areas, bool) or self.areas < 1:
+        _check_choice("area_mode", self.area_mode, AREA_MODES)
+        _check_choice("route_by", self.route_by, ROUTE_BY)
+        _check_choice("area_impl", self.area_impl, AREA_IMPLS)
+        for name in ("feedback_seed", "routing_seed"):
+            if not _is_int(getattr(self, name)):
+                raise SalcompileError(f"{name} must be an int, got {getattr(self, name)!r}.")
+        if not _is_int(self.areas) or self.areas < 1:
             raise SalcompileError(f"areas (K) must be an int >= 1, got {self.areas!r}.")
-        if self.areas != 1:
+        if not _is_int(self.route_dim) or self.route_dim < 1:
+            raise SalcompileError(f"route_dim must be an int >= 1, got {self.route_dim!r}.")
+        if not isinstance(self.balance_weight, (int, float)) or self.balance_weight < 0:
+            raise SalcompileError(f"balance_weight must be a number >= 0, got {self.balance_weight!r}.")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise SalcompileError(f"temperature must be a number > 0, got {self.temperature!r}.")
+        g = self.gate_layers
+        if not (g is None or callable(g) or (isinstance(g, (list, tuple))
+                                             and all(isinstance(p, str) for p in g))):
             raise SalcompileError(
-                f"areas={self.areas}: parameter areas are not implemented in this version; "
-                "use areas=1 (dense)."
-            )
+                f"gate_layers must be None, a list of name patterns (fnmatch, e.g. ['fc*']) or a "
+                f"predicate taking a layer name; got {g!r}.")
+        if isinstance(g, list):
+            object.__setattr__(self, "gate_layers", tuple(g))
         if self.feedback == "dfa" and self.feedback_init == "weights":
             raise SalcompileError(
                 "feedback_init='weights' copies each layer's W into its B; DFA's D matrices have no "
@@ -60,8 +98,20 @@ class SALConfig:
             )
         return dataclasses.replace(self, **overrides)
 
+    @property
+    def gated(self) -> bool:
+        """Whether transform inserts gates and area ops."""
+        return self.areas > 1 or self.gate_layers is not None
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        g = self.gate_layers
+        d["gate_layers"] = list(g) if isinstance(g, tuple) else (None if g is None else repr(g))
+        return d
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_choice(name: str, value: Any, valid: tuple) -> None:

@@ -44,6 +44,7 @@ class LayerSpec:
     conv: Optional[Dict[str, Any]] = None   # stride, padding, dilation, transposed, output_padding, groups
     equation: Optional[str] = None
     weight_first: bool = False
+    area: bool = False             # turned into an area op (its feedback slot filled by attach_fa)
 
 
 @dataclass

@@ -43,6 +43,10 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     plan, specs, tracer, head = analyse(gm, config, how)
     for u in plan.backprop:
         warnings.warn(f"salcompile: {u.name} ({u.op}) keeps backprop: {u.reason}.", stacklevel=2)
+    if config.gated:
+        regions = p.find_regions(gm, specs, plan, tracer, head, config)
+        gm, routes = p.insert_gates(gm, regions, tracer, config)
+        gm = p.make_area_ops(gm, specs, plan, tracer, routes, config)
     if config.feedback == "fa":
         gm = p.attach_fa(gm, specs, plan, tracer, config)
     elif config.feedback == "dfa":

@@ -27,6 +27,10 @@ class LayerEntry:
     node: str          # FX node name
     via: str = ""      # ops between the parameter and the layer (t, chunk...), mirrored onto B
     feedback_buffer: str = ""  # qualified name of its B (FA) or D (DFA) buffer
+    gate: str = ""     # the gate routing it (SAL areas), "" when un-gated
+    area_mode: str = ""  # partition | replicate | exit (dense output, reads its input's area block)
+    input_block: bool = False  # reads only the area block of its (area-sparse) input
+    sees: str = ""     # sparsity state of its input: dense | area-sparse(<gate>)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Plan:
     layers: List[LayerEntry] = field(default_factory=list)
     backprop: List[FallbackEntry] = field(default_factory=list)
     dfa_taps: List[str] = field(default_factory=list)
+    regions: List[Dict] = field(default_factory=list)  # gate, layers, exits, reads, route_by, ...
 
     @property
     def head(self) -> Optional[LayerEntry]:
@@ -59,17 +64,25 @@ class Plan:
         return cls(capture=d["capture"], config=d["config"],
                    layers=[LayerEntry(**l) for l in d["layers"]],
                    backprop=[FallbackEntry(**f) for f in d["backprop"]],
-                   dfa_taps=list(d.get("dfa_taps", [])))
+                   dfa_taps=list(d.get("dfa_taps", [])), regions=list(d.get("regions", [])))
 
     def __str__(self) -> str:
         c = self.config
         lines = [f"salcompile plan  (captured by {self.capture}; feedback={c.get('feedback')}, "
                  f"init={c.get('feedback_init')}, scale={c.get('feedback_scale')}, "
-                 f"seed={c.get('feedback_seed')}, areas={c.get('areas')})"]
+                 f"seed={c.get('feedback_seed')}, areas={c.get('areas')}"
+                 + (f" {c.get('area_mode')}" if self.regions else "") + ")"]
         rows = [("layer", "op", "weight", "shape", "feedback", "role")]
+        if self.regions:
+            rows[0] += ("gate", "area", "input")
         for l in self.layers:
             w = l.weight + (f" via {l.via}" if l.via else "")
-            rows.append((l.name, l.op, w, "x".join(map(str, l.shape)), l.feedback, l.role))
+            row = (l.name, l.op, w, "x".join(map(str, l.shape)), l.feedback, l.role)
+            if self.regions:
+                area = l.area_mode + (" (reads block)" if l.input_block and l.area_mode != "exit"
+                                      else "")
+                row += (l.gate or "-", area or "-", l.sees or "dense")
+            rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             lines.append("  " + "  ".join(s.ljust(w) for s, w in zip(r, widths)).rstrip())
@@ -79,6 +92,10 @@ class Plan:
             lines.append("left on backprop:")
             for f in self.backprop:
                 lines.append(f"  {f.name} ({f.op}; {', '.join(f.weights)}): {f.reason}")
+        for r in self.regions:
+            lines.append(f"region {r['gate']}: routes per {r['route_by']} on {r['reads']} "
+                         f"(φ={r['phi']}, {r['features']} features) → {', '.join(r['layers'])}"
+                         + (f"; exits: {', '.join(r['exits'])}" if r["exits"] else ""))
         if self.dfa_taps:
             lines.append(f"DFA taps (activations receiving e·D): {', '.join(self.dfa_taps)}")
         return "\n".join(lines)

@@ -114,3 +114,10 @@ def assert_grads_equal(a, b, rtol=1e-9, atol=1e-10):
     assert a.keys() == b.keys(), (sorted(a), sorted(b))
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+def dense_transform(*args, **kwargs):
+    """transform() without parameter areas (areas=1): the dense feedback-alignment model."""
+    import salcompile
+    kwargs.setdefault("areas", 1)
+    return salcompile.transform(*args, **kwargs)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import salcompile
-from conftest import ResCNN, assert_grads_equal, grads, mlp
+from conftest import dense_transform, ResCNN, assert_grads_equal, grads, mlp
 
 
 def _cases():
@@ -15,7 +15,7 @@ def _cases():
 def test_compile_fullgraph_zero_breaks_same_gradients(name, model, x, feedback):
     if name == "cnn" and feedback == "dfa":
         model = model.eval()  # keep one cnn compile per mode: the dfa variant runs in eval mode
-    sal = salcompile.transform(model, (x,), feedback=feedback)
+    sal = dense_transform(model, (x,), feedback=feedback)
     eager = grads(sal, x)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(sal)(x)
@@ -28,7 +28,7 @@ def test_compile_fullgraph_zero_breaks_same_gradients(name, model, x, feedback):
 @pytest.mark.parametrize("feedback", ["fa", "dfa"])
 def test_saved_archive_reloads_and_trains_with_feedback_not_backprop(tmp_path, feedback):
     model, x = mlp(), torch.randn(6, 8)
-    sal = salcompile.transform(model, (x,), feedback=feedback)
+    sal = dense_transform(model, (x,), feedback=feedback)
     path = tmp_path / "m.pt2"
     salcompile.save(sal, (x,), path)
     loaded = salcompile.load(path)
@@ -44,7 +44,7 @@ def test_saved_archive_reloads_and_trains_with_feedback_not_backprop(tmp_path, f
 
 
 def test_save_refuses_to_overwrite_and_leaves_nothing_behind(tmp_path):
-    sal, x = salcompile.transform(mlp()), torch.randn(2, 8)
+    sal, x = dense_transform(mlp()), torch.randn(2, 8)
     path = tmp_path / "m.pt2"
     path.write_bytes(b"keep me")
     with pytest.raises(salcompile.SalcompileError, match="exists"):
@@ -57,7 +57,7 @@ def test_save_refuses_to_overwrite_and_leaves_nothing_behind(tmp_path):
 def test_transform_accepts_an_exported_program():
     model, x = mlp(), torch.randn(4, 8)
     ep = torch.export.export(model, (x,))
-    sal = salcompile.transform(ep, feedback_init="weights", feedback_scale="none")
+    sal = dense_transform(ep, feedback_init="weights", feedback_scale="none")
     assert sal.sal_plan.capture == "export"
     torch.testing.assert_close(sal(x), model(x))
     assert_grads_equal(grads(sal, x), grads(model, x), rtol=1e-5, atol=1e-6)
@@ -66,7 +66,7 @@ def test_transform_accepts_an_exported_program():
 def test_compile_transformer_encoder_fa():
     from conftest import Encoder
     model, x = Encoder(), torch.randn(3, 5, 8)
-    sal = salcompile.transform(model, (x,))
+    sal = dense_transform(model, (x,))
     eager = grads(sal, x)
     torch._dynamo.reset()
     assert_grads_equal(grads(salcompile.compile(sal), x), eager, rtol=1e-4, atol=1e-5)

@@ -11,7 +11,7 @@ from torch import nn
 import salcompile
 from salcompile import SalcompileError
 from salcompile.cli import main
-from conftest import Functional, mlp
+from conftest import dense_transform, Functional, mlp
 
 
 class DataDependent(nn.Module):
@@ -28,7 +28,7 @@ class DataDependent(nn.Module):
 @pytest.mark.parametrize("example", [True, False], ids=["export", "symbolic_trace"])
 def test_untraceable_model_names_the_construct_and_remedy(example):
     with pytest.raises(SalcompileError) as err:
-        salcompile.transform(DataDependent(), (torch.randn(2, 4),) if example else None)
+        dense_transform(DataDependent(), (torch.randn(2, 4),) if example else None)
     msg = str(err.value)
     assert "could not capture" in msg
     assert ("control flow" in msg) or ("example_inputs" in msg)
@@ -39,31 +39,36 @@ def test_untraceable_model_names_the_construct_and_remedy(example):
     ({"feedback_init": "zeros"}, "kaiming_uniform"),
     ({"feedback_scale": "huge"}, "match"),
     ({"areas": 0}, ">= 1"),
-    ({"areas": 16}, "not implemented"),
+    ({"areas": 3}, "layers.0 has 16 outputs, not divisible by K=3"),
+    ({"area_mode": "moe"}, "['partition', 'replicate']"),
+    ({"route_by": "pixel"}, "['auto', 'sample', 'token']"),
+    ({"gate_layers": 5}, "gate_layers must be"),
+    ({"gate_layers": ["nothing*"]}, "matches no layer"),
+    ({"temperature": 0}, "temperature must be"),
     ({"feedback": "dfa", "feedback_init": "weights"}, "no weight"),
     ({"not_a_field": 1}, "unknown SALConfig field"),
 ])
 def test_bad_configuration(kwargs, needle):
     with pytest.raises(SalcompileError, match=None) as err:
-        salcompile.transform(mlp(), **kwargs)
+        dense_transform(mlp(), **kwargs)
     assert needle in str(err.value)
 
 
 def test_not_a_module_and_already_transformed():
     with pytest.raises(SalcompileError, match="nn.Module"):
-        salcompile.transform(lambda x: x)
-    sal = salcompile.transform(mlp())
+        dense_transform(lambda x: x)
+    sal = dense_transform(mlp())
     with pytest.raises(SalcompileError, match="already been transformed"):
-        salcompile.transform(sal)
+        dense_transform(sal)
     with pytest.raises(SalcompileError, match="salcompile.transform"):
         salcompile.feedback_matrices(mlp())
 
 
 def test_dfa_without_shapes_or_with_misaligned_output():
     with pytest.raises(SalcompileError, match="example_inputs"):
-        salcompile.transform(mlp(), feedback="dfa")
+        dense_transform(mlp(), feedback="dfa")
     with pytest.raises(SalcompileError, match="leading dimensions"):
-        salcompile.transform(Functional(), (torch.randn(3, 5),), feedback="dfa")
+        dense_transform(Functional(), (torch.randn(3, 5),), feedback="dfa")
 
 
 def test_recurrent_layer_keeps_backprop_with_a_warning_and_is_in_the_plan():
@@ -76,7 +81,7 @@ def test_recurrent_layer_keeps_backprop_with_a_warning_and_is_in_the_plan():
             return self.fc(self.rnn(x)[0][:, -1])
 
     with pytest.warns(UserWarning, match="rnn.*keeps backprop"):
-        sal = salcompile.transform(RNN(), (torch.randn(2, 5, 4),))
+        sal = dense_transform(RNN(), (torch.randn(2, 5, 4),))
     plan = sal.sal_plan
     assert [l.weight for l in plan.layers] == ["fc.weight"]
     assert plan.backprop and "recurrent" in plan.backprop[0].reason

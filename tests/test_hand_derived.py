@@ -4,13 +4,13 @@ import torch
 import torch.nn.functional as F
 
 import salcompile
-from conftest import D, mlp
+from conftest import dense_transform, D, mlp
 
 
 def _setup(feedback, scale="none"):
     model = mlp(8, 16, 3, depth=3).double()
     x, y = torch.randn(6, 8, dtype=D), torch.randint(0, 3, (6,))
-    sal = salcompile.transform(model, (x,), feedback=feedback, feedback_scale=scale)
+    sal = dense_transform(model, (x,), feedback=feedback, feedback_scale=scale)
     loss = F.cross_entropy(sal(x), y)
     loss.backward()
     W = [sal.get_parameter(f"layers.{i}.weight").detach() for i in range(3)]

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import salcompile
-from conftest import ResCNN, assert_grads_equal, grads, mlp, model_cases
+from conftest import dense_transform, ResCNN, assert_grads_equal, grads, mlp, model_cases
 
 CASES = model_cases()
 
@@ -12,7 +12,7 @@ CASES = model_cases()
 @pytest.mark.parametrize("name,make,inputs", CASES, ids=[c[0] for c in CASES])
 def test_bp_mode_is_the_original_model(name, make, inputs):
     model, x = make(), inputs()
-    sal = salcompile.transform(model, (x,), feedback="bp")
+    sal = dense_transform(model, (x,), feedback="bp")
     torch.testing.assert_close(sal(x), model(x), rtol=0, atol=0)
     assert_grads_equal(grads(sal, x), grads(model, x))
 
@@ -27,7 +27,7 @@ MODE_CASES = [(fb, *c) for fb in ("fa", "dfa", "bp") for c in CASES[:4]
                          ids=[f"{c[0]}-{c[1]}" for c in MODE_CASES])
 def test_forward_unchanged_in_every_mode(feedback, name, make, inputs):
     model, x = make(), inputs()
-    sal = salcompile.transform(model, (x,), feedback=feedback)
+    sal = dense_transform(model, (x,), feedback=feedback)
     torch.testing.assert_close(sal(x), model(x), rtol=0, atol=0)
     g_sal, g_bp = grads(sal, x), grads(model, x)
     assert g_sal.keys() == g_bp.keys()
@@ -37,9 +37,9 @@ def test_forward_unchanged_in_every_mode(feedback, name, make, inputs):
 
 def test_same_seed_same_feedback_other_seed_other_feedback():
     model = mlp()
-    a = salcompile.feedback_matrices(salcompile.transform(model, feedback_seed=3))
-    b = salcompile.feedback_matrices(salcompile.transform(model, feedback_seed=3))
-    c = salcompile.feedback_matrices(salcompile.transform(model, feedback_seed=4))
+    a = salcompile.feedback_matrices(dense_transform(model, feedback_seed=3))
+    b = salcompile.feedback_matrices(dense_transform(model, feedback_seed=3))
+    c = salcompile.feedback_matrices(dense_transform(model, feedback_seed=4))
     for n in a:
         assert torch.equal(a[n], b[n])
         assert not torch.equal(a[n], c[n])
@@ -47,8 +47,8 @@ def test_same_seed_same_feedback_other_seed_other_feedback():
 
 def test_dfa_matrices_deterministic():
     model, x = mlp(), torch.randn(4, 8)
-    a = salcompile.feedback_matrices(salcompile.transform(model, (x,), feedback="dfa"))
-    b = salcompile.feedback_matrices(salcompile.transform(model, (x,), feedback="dfa"))
+    a = salcompile.feedback_matrices(dense_transform(model, (x,), feedback="dfa"))
+    b = salcompile.feedback_matrices(dense_transform(model, (x,), feedback="dfa"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
@@ -65,7 +65,7 @@ class DropNet(nn.Module):
 @pytest.mark.parametrize("example", [True, False], ids=["export", "symbolic_trace"])
 def test_train_eval_switch_batch_norm_and_dropout_like_the_original(example):
     model, x = DropNet(), torch.randn(6, 4)
-    sal = salcompile.transform(model, (x,) if example else None)
+    sal = dense_transform(model, (x,) if example else None)
     sal.load_state_dict(model.state_dict())
     for mode in ("train", "eval", "train"):
         getattr(model, mode)(), getattr(sal, mode)()
@@ -82,7 +82,7 @@ def test_train_eval_switch_batch_norm_and_dropout_like_the_original(example):
 
 def test_state_dict_of_the_original_loads_and_names_survive():
     model = ResCNN()
-    sal = salcompile.transform(model, (torch.randn(2, 3, 6, 6),))
+    sal = dense_transform(model, (torch.randn(2, 3, 6, 6),))
     assert set(model.state_dict()) <= set(sal.state_dict())
     assert any(k.endswith("weight_feedback") for k in sal.state_dict())
     result = sal.load_state_dict(model.state_dict())
@@ -100,7 +100,7 @@ def test_outputs_keep_their_structure():
             return {"logits": self.b(torch.relu(h)), "extra": (h * scale, h.sum())}
 
     model, x = Multi(), torch.randn(3, 3)
-    for sal in (salcompile.transform(model, (x,)), salcompile.transform(model)):
+    for sal in (dense_transform(model, (x,)), dense_transform(model)):
         out, ref = sal(x), model(x)
         assert set(out) == {"logits", "extra"} and isinstance(out["extra"], tuple)
         torch.testing.assert_close(out["logits"], ref["logits"])
@@ -109,7 +109,7 @@ def test_outputs_keep_their_structure():
 
 def test_transformed_model_is_independent_of_the_original():
     model = mlp()
-    sal = salcompile.transform(model)
+    sal = dense_transform(model)
     with torch.no_grad():
         sal.get_parameter("layers.0.weight").add_(1.0)
     assert not torch.equal(sal.get_parameter("layers.0.weight"), model.layers[0].weight)

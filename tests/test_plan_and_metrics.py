@@ -6,13 +6,13 @@ import torch.nn.functional as F
 
 import salcompile
 from salcompile.plan import Plan
-from conftest import ResCNN, mlp
+from conftest import dense_transform, ResCNN, mlp
 
 
 def test_plan_of_plain_and_transformed_model_agree():
     model, x = ResCNN(), torch.randn(2, 3, 6, 6)
-    before = salcompile.plan(model, (x,))
-    sal = salcompile.transform(model, (x,))
+    before = salcompile.plan(model, (x,), areas=1)
+    sal = dense_transform(model, (x,))
     after = salcompile.plan(sal)
     assert [l.weight for l in before.layers] == [l.weight for l in after.layers]
     ops = {l.op for l in after.layers}
@@ -25,7 +25,7 @@ def test_plan_of_plain_and_transformed_model_agree():
 
 def test_plan_shows_weight_views():
     from conftest import Functional
-    plan = salcompile.plan(Functional(), (torch.randn(2, 5),))
+    plan = salcompile.plan(Functional(), (torch.randn(2, 5),), areas=1)
     w2 = next(l for l in plan.layers if l.weight == "W2")
     assert w2.via and w2.op == "matmul"
 
@@ -33,9 +33,9 @@ def test_plan_shows_weight_views():
 def test_weight_alignment_is_zero_for_weight_feedback_and_near_ninety_for_random():
     model = mlp(32, 64, 10)
     same = salcompile.metrics.weight_alignment(
-        salcompile.transform(model, feedback_init="weights"))
+        dense_transform(model, feedback_init="weights"))
     assert all(abs(a) < 1e-4 for a in same.values()) and len(same) == 3
-    rand = salcompile.metrics.weight_alignment(salcompile.transform(model))
+    rand = salcompile.metrics.weight_alignment(dense_transform(model))
     assert all(70 < a < 110 for a in rand.values())
 
 
@@ -43,19 +43,19 @@ def test_gradient_alignment_against_backprop():
     model, x, y = mlp(32, 64, 10), torch.randn(16, 32), torch.randint(0, 10, (16,))
     loss = lambda out: F.cross_entropy(out, y)
     exact = salcompile.metrics.gradient_alignment(
-        salcompile.transform(model, feedback_init="weights", feedback_scale="none"), loss, x)
+        dense_transform(model, feedback_init="weights", feedback_scale="none"), loss, x)
     assert all(a < 1e-3 for a in exact.values())
-    fa = salcompile.metrics.gradient_alignment(salcompile.transform(model), loss, x)
+    fa = salcompile.metrics.gradient_alignment(dense_transform(model), loss, x)
     assert fa["layers.2.weight"] < 1e-3           # the head's update is the true gradient
     assert fa["layers.0.weight"] > 1.0            # hidden layers' are not
     assert all(not math.isnan(a) for a in fa.values())
     dfa = salcompile.metrics.gradient_alignment(
-        salcompile.transform(model, (x,), feedback="dfa"), loss, x)
+        dense_transform(model, (x,), feedback="dfa"), loss, x)
     assert dfa["layers.2.weight"] < 1e-3 and dfa["layers.1.weight"] > 1.0
 
 
 def test_backprop_reference_shares_parameters():
-    sal = salcompile.transform(mlp())
+    sal = dense_transform(mlp())
     ref = salcompile.metrics.backprop_reference(sal)
     assert ref.get_parameter("layers.0.weight") is sal.get_parameter("layers.0.weight")
     assert not any("salcompile" in str(n.target) for n in ref.graph.nodes)
