@@ -21,16 +21,24 @@ def save(module, example_inputs: Tuple[Any, ...], path, force: bool = False) -> 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     was = sal.training
+    counts = {n: b.clone() for n, b in sal.named_buffers() if n.endswith(".counts")}
+    for n in counts:  # the archive starts with fresh routing statistics
+        sal.get_buffer(n).zero_()
     sal.train()
     try:
-        ep = torch.export.export(sal, tuple(example_inputs), dynamic_shapes=batch_dynamic(tuple(example_inputs)), strict=False)
-    except Exception as exc:
-        raise SalcompileError(f"could not export the transformed module: {type(exc).__name__}: "
-                              f"{exc}") from exc
+        try:
+            ep = torch.export.export(sal, tuple(example_inputs), strict=False,
+                                     dynamic_shapes=batch_dynamic(tuple(example_inputs)))
+        except Exception as exc:
+            raise SalcompileError(f"could not export the transformed module: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        # Written while the counts are zero: the archive holds these very tensors.
+        atomic_write(out, lambda tmp: torch.export.save(
+            ep, tmp, extra_files={PLAN_FILE: sal.sal_plan.to_json()}))
     finally:
         sal.train(was)
-    atomic_write(out, lambda tmp: torch.export.save(
-        ep, tmp, extra_files={PLAN_FILE: sal.sal_plan.to_json()}))
+        for n, value in counts.items():
+            sal.get_buffer(n).copy_(value)
 
 
 def load(path) -> torch.nn.Module:

@@ -5,41 +5,58 @@ import math
 from typing import Dict
 
 import torch
+from torch import nn
 
-from .module import require_sal
+from .errors import SalcompileError
+from .module import SALModule
+
+_PREFIX, _SUFFIX = "sal_gates.", ".counts"
+
+
+def _counters(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """{gate: its counts buffer} of a transformed module, a compiled one, or a reloaded archive."""
+    target = getattr(module, "_orig_mod", module)
+    if not isinstance(target, nn.Module):
+        raise SalcompileError(f"expected a module returned by salcompile.transform() or "
+                              f"salcompile.load(), got {type(module).__name__}.")
+    return {n[len(_PREFIX):-len(_SUFFIX)]: b for n, b in target.named_buffers()
+            if n.startswith(_PREFIX) and n.endswith(_SUFFIX)}
 
 
 def routing_stats(module) -> Dict[str, dict]:
-    """{gate: stats} over the rows routed since the last reset (training and evaluation alike).
+    """{gate: stats} over the rows routed since the last reset (training and evaluation alike);
+    {} for a model without gates. Works on transformed, compiled and reloaded (salcompile.load)
+    modules.
 
     counts/fractions: rows per area; active: areas that received a row; balance: normalised
     entropy of the fractions (1.0 = perfectly even, 0.0 = everything in one area); max_load: the
     busiest area's share over the even share 1/K (1.0 = even, K = collapsed); layers: the gated
     layers the gate routes.
     """
-    sal = require_sal(module)
+    target = getattr(module, "_orig_mod", module)
+    layers = {r["gate"]: list(r["layers"]) for r in target.sal_plan.regions} \
+        if isinstance(target, SALModule) else {}
     out = {}
-    for region in sal.sal_plan.regions:
-        counts = sal.get_buffer(f"sal_gates.{region['gate']}.counts").detach().double().cpu()
+    for gate, buf in _counters(module).items():
+        counts = buf.detach().double().cpu()
         k = counts.numel()
         total = float(counts.sum())
         frac = counts / total if total else torch.zeros_like(counts)
         nz = frac[frac > 0]
         entropy = float(-(nz * nz.log()).sum()) if total else 0.0
-        out[region["gate"]] = {
+        out[gate] = {
             "rows": int(total),
             "counts": [int(c) for c in counts.tolist()],
             "fractions": [round(float(f), 6) for f in frac.tolist()],
             "active": int((counts > 0).sum()),
             "balance": entropy / math.log(k) if k > 1 and total else 1.0,
             "max_load": float(frac.max()) * k if total else 0.0,
-            "layers": list(region["layers"]),
+            "layers": layers.get(gate, []),
         }
     return out
 
 
 def reset_routing_stats(module) -> None:
     """Zero every gate's counts (e.g. at the start of an epoch or before an evaluation)."""
-    sal = require_sal(module)
-    for region in sal.sal_plan.regions:
-        sal.get_buffer(f"sal_gates.{region['gate']}.counts").zero_()
+    for buf in _counters(module).values():
+        buf.zero_()

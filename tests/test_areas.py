@@ -214,6 +214,6 @@ def test_sal16_trains_mlp_cnn_and_transformer():
             loss = F.cross_entropy(sal(x), y)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         assert losses[-1] < 0.7 * losses[0], (type(model).__name__, losses[0], losses[-1])
         assert salcompile.routing_stats(sal)

@@ -70,3 +70,20 @@ def test_compile_transformer_encoder_fa():
     eager = grads(sal, x)
     torch._dynamo.reset()
     assert_grads_equal(grads(salcompile.compile(sal), x), eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["partition", "replicate"])
+def test_sal_areas_compile_and_reload_with_the_eager_gradients(tmp_path, mode):
+    model, x = mlp(8, 32, 3, depth=3), torch.randn(12, 8)
+    sal = salcompile.transform(model, (x,), areas=4, area_mode=mode)
+    eager = grads(sal, x)
+    assert any(k.startswith("sal_gates.") for k in eager)  # the gate's P trains too
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(sal)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert_grads_equal(grads(salcompile.compile(sal), x), eager, rtol=1e-4, atol=1e-6)
+    salcompile.save(sal, (x,), tmp_path / "m.pt2")
+    loaded = salcompile.load(tmp_path / "m.pt2")
+    assert salcompile.routing_stats(loaded)["gate_0"]["rows"] == 0  # archives start fresh
+    assert_grads_equal(grads(loaded, x), eager, rtol=1e-6, atol=1e-7)
+    assert salcompile.routing_stats(loaded)["gate_0"]["rows"] == 12

@@ -115,6 +115,22 @@ def test_cli_convert_export_archive_and_inspect(files, capsys):
     assert "layers.0.weight" in text and "fa" in text
 
 
+def test_cli_area_options_reach_the_plan(files, capsys):
+    out = files / "sal.pt2"
+    assert _run("convert", files / "model.pt2", "-o", out, "--areas", "8", "--area-mode",
+                "replicate", "--balance-weight", "0.5") == 0
+    capsys.readouterr()
+    assert _run("inspect", out) == 0
+    text = capsys.readouterr().out
+    assert "areas=8 replicate" in text and "region gate_0: routes per sample" in text
+    loaded = salcompile.load(out)
+    assert loaded.get_parameter("layers.0.weight").shape == (8, 256, 64)
+    assert _run("inspect", files / "model.pt2", "--areas", "3") == 2  # 256 % 3
+    assert "not divisible by K=3" in capsys.readouterr().err
+    assert _run("inspect", files / "model.pt2", "--areas", "1") == 0
+    assert "region" not in capsys.readouterr().out
+
+
 def test_cli_convert_state_dict_needs_model_name(files, capsys):
     out = files / "o.pt2"
     assert _run("convert", files / "weights.pt", "-o", out) == 2
