@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/digits.py
+	$(PY) benchmarks/paper_table2.py --reduced
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider

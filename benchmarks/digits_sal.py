@@ -22,7 +22,7 @@ import torch
 import salcompile
 from salcompile.data import digits
 from salcompile.models import MLP
-from salcompile.training import accuracy, fit
+from salcompile.training import Recipe, accuracy, fit
 
 RECIPE = dict(optimizer="adam", lr=3e-3, batch=16)
 PAPER_RECIPE = dict(optimizer="sgd", lr=1e-4, batch=16)
@@ -43,16 +43,17 @@ def run(overrides, recipe, seed, epochs, train, test, label):
     sal = salcompile.transform(MLP(64, 256, 10), (train[0][:2],), feedback_seed=seed,
                                routing_seed=seed, **overrides)
 
-    def progress(epoch, acc):
-        print(f"\r  {label:42s} seed {seed} epoch {epoch + 1:2d}/{epochs} test {acc:5.1f}%",
-              end="", file=sys.stderr, flush=True)
+    def progress(rec):
+        print(f"\r  {label:42s} seed {seed} epoch {rec.epoch:2d}/{epochs} test "
+              f"{rec.test_acc:5.1f}%", end="", file=sys.stderr, flush=True)
 
-    fit(sal, train, test, epochs=epochs, seed=seed, on_epoch=progress, **recipe)
-    stats = None
-    if sal.sal_plan.regions:
+    fit(sal, train, test, Recipe(epochs=epochs, **recipe), seed=seed, on_epoch=progress)
+    acc, stats = accuracy(sal, *test), None
+    if sal.sal_plan.regions:  # routing of the test set (accuracy() leaves the counts as they were)
         salcompile.reset_routing_stats(sal)
-    acc = accuracy(sal, *test)
-    if sal.sal_plan.regions:
+        sal.eval()
+        with torch.no_grad():
+            sal(test[0])
         stats = salcompile.routing_stats(sal)["gate_0"]
     return acc, stats
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import salcompile
 from salcompile.data import digits
 from salcompile.models import MLP
-from salcompile.training import fit
+from salcompile.training import Recipe, fit
 
 VARIANTS = [
     ("BP", dict(feedback="bp", areas=1)),
@@ -36,13 +36,13 @@ def train(label, overrides, seed, args, train_set, test_set):
     sal = salcompile.transform(MLP(64, 256, 10), (train_set[0][:2],), feedback_seed=seed,
                                routing_seed=seed, **overrides)
 
-    def progress(epoch, acc):
-        print(f"\r  {label:22s} seed {seed} epoch {epoch + 1:2d}/{args.epochs}  test acc "
-              f"{acc:5.1f}%", end="", file=sys.stderr, flush=True)
+    def progress(rec):
+        print(f"\r  {label:22s} seed {seed} epoch {rec.epoch:2d}/{args.epochs}  test acc "
+              f"{rec.test_acc:5.1f}%", end="", file=sys.stderr, flush=True)
 
-    history = fit(sal, train_set, test_set, optimizer="adam", lr=args.lr, epochs=args.epochs,
-                  batch=args.batch, seed=seed, on_epoch=progress)
-    return sal, history[-1]
+    recipe = Recipe(optimizer="adam", lr=args.lr, epochs=args.epochs, batch=args.batch)
+    records = fit(sal, train_set, test_set, recipe, seed=seed, on_epoch=progress)
+    return sal, records[-1].test_acc
 
 
 def main() -> None:

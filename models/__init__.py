@@ -1,66 +1,169 @@
-"""The model zoo (salcompile.models): a registry the CLI reads with `--model NAME`."""
+"""The model zoo (salcompile.models): a registry the CLI reads with `--model NAME`.
+
+    model = build("resnet20", num_classes=100)
+    x = example_input("resnet20", batch=8)
+    sal = salcompile.transform(model, (x,), **REGISTRY["resnet20"].sal)
+
+Every factory takes `num_classes` and its input-size keyword (`in_features` for MLPs,
+`in_channels` for convolutional models and the ViT, `vocab_size` and `seq_len` for the GPT), so a
+model can be fitted to a dataset; `example_input` takes the same keywords. Each entry's `sal`
+holds the SALConfig overrides under which `salcompile.transform` succeeds with its areas (default
+K=16: every gated layer's width divisible by 16).
+"""
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from salcompile.errors import SalcompileError
 
+from .cnn import BasicBlock, LeNet5, ResNet20
+from .mlp import MLP, DeepMLP
+from .transformer import GPT, Block, ViT
 
-class MLP(nn.Module):
-    """The paper's MLP: in → hidden (ReLU) → out, Kaiming init."""
-
-    def __init__(self, in_features: int = 64, hidden: int = 256, out_features: int = 10,
-                 depth: int = 2):
-        super().__init__()
-        widths = [in_features] + [hidden] * (depth - 1) + [out_features]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        for l in self.layers:
-            nn.init.kaiming_uniform_(l.weight, nonlinearity="relu")
-            nn.init.zeros_(l.bias)
-
-    def forward(self, x):
-        x = x.flatten(1)
-        for l in self.layers[:-1]:
-            x = torch.relu(l(x))
-        return self.layers[-1](x)
+__all__ = ["ModelEntry", "REGISTRY", "build", "example_input", "ModelArgumentError",
+           "MLP", "DeepMLP", "LeNet5", "ResNet20", "BasicBlock", "ViT", "GPT", "Block"]
 
 
-class LeNet5(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, num_classes)
-
-    def forward(self, x):
-        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
-        x = x.flatten(1)
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+class ModelArgumentError(SalcompileError, TypeError):
+    """A keyword a zoo factory does not take (catchable as SalcompileError or TypeError)."""
 
 
-# name -> (factory, example input shape without the batch dimension)
-REGISTRY: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
-    "mlp": (lambda: MLP(64, 256, 10), (64,)),
-    "mlp-mnist": (lambda: MLP(784, 256, 10), (784,)),
-    "lenet5": (lambda: LeNet5(), (1, 28, 28)),
+@dataclass(frozen=True)
+class ModelEntry:
+    factory: Callable[..., nn.Module]   # accepts the keyword args documented per entry
+    input_shape: Tuple[int, ...]        # default example input shape without batch
+    description: str
+    sal: Dict[str, Any] = field(default_factory=dict)   # SALConfig overrides recommended for this model
+    input_dtype: torch.dtype = torch.float32            # torch.long for token models
+
+
+def _mlp(*, in_features: int = 64, num_classes: int = 10, hidden: int = 256, depth: int = 2):
+    return MLP(in_features, hidden, num_classes, depth)
+
+
+def _mlp_mnist(*, in_features: int = 784, num_classes: int = 10, hidden: int = 256, depth: int = 2):
+    return MLP(in_features, hidden, num_classes, depth)
+
+
+def _lenet5(*, in_channels: int = 1, num_classes: int = 10):
+    return LeNet5(in_channels, num_classes)
+
+
+def _deep_mlp(*, in_features: int = 64, num_classes: int = 10, width: int = 256, depth: int = 8,
+              residual: bool = False):
+    return DeepMLP(in_features, width, num_classes, depth, residual)
+
+
+def _deep_mlp_res(*, in_features: int = 64, num_classes: int = 10, width: int = 256, depth: int = 8,
+                  residual: bool = True):
+    return DeepMLP(in_features, width, num_classes, depth, residual)
+
+
+def _resnet20(*, in_channels: int = 3, num_classes: int = 10):
+    return ResNet20(in_channels, num_classes)
+
+
+def _vit(*, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, patch: int = 4,
+         dim: int = 64, depth: int = 2, heads: int = 4, mlp_dim: int = 128):
+    return ViT(in_channels, num_classes, image_size, patch, dim, depth, heads, mlp_dim)
+
+
+def _gpt(*, vocab_size: Optional[int] = None, seq_len: int = 64,
+         num_classes: Optional[int] = None, dim: int = 64, depth: int = 2, heads: int = 4,
+         mlp_dim: int = 256):
+    return GPT(_vocab(vocab_size, num_classes), seq_len, dim, depth, heads, mlp_dim)
+
+
+def _vocab(vocab_size: Optional[int], num_classes: Optional[int]) -> int:
+    """An LM's classes are its vocabulary: either keyword sets it (default 65, tiny Shakespeare)."""
+    if vocab_size is not None and num_classes is not None and vocab_size != num_classes:
+        raise SalcompileError(f"gpt: num_classes={num_classes} must equal vocab_size={vocab_size} "
+                              "(the model predicts the next token).")
+    return vocab_size or num_classes or 65
+
+
+def _replicate_1b(*, in_features: int = 1024, num_classes: int = 1024, width: int = 4096,
+                  depth: int = 8):
+    return DeepMLP(in_features, width, num_classes, depth)
+
+
+REGISTRY: Dict[str, ModelEntry] = {
+    "mlp": ModelEntry(_mlp, (64,), "the paper's MLP 64-256-10 (scikit-learn digits), 19,210 params"),
+    "mlp-mnist": ModelEntry(_mlp_mnist, (784,), "MLP 784-256-10 (MNIST), 203,530 params"),
+    "lenet5": ModelEntry(
+        _lenet5, (1, 28, 28),
+        "classic LeNet-5 on 28x28 (61,706 params); its 6/120/84 widths do not divide by 16, so SAL "
+        "gates conv2 (16 channels) only, the other layers train dense with FA",
+        sal=dict(gate_layers=["conv2"])),
+    "deep-mlp": ModelEntry(_deep_mlp, (64,),
+                           "DeepMLP 64-(256 x 7)-10, 8 linear layers, ReLU (depth up to 128), "
+                           "413,962 params; under SAL partition each layer reading its area block "
+                           "scales activations by ~1/sqrt(K) at init (see deep-mlp-res)"),
+    "deep-mlp-res": ModelEntry(_deep_mlp_res, (64,),
+                               "residual DeepMLP 64-(256 x 7)-10, pre-activation skips scaled "
+                               "1/sqrt(depth-2), 413,962 params"),
+    "resnet20": ModelEntry(_resnet20, (3, 32, 32),
+                           "CIFAR ResNet-20, 16/32/64 channels, BN, option-A shortcuts, 269,722 params"),
+    "vit": ModelEntry(_vit, (3, 32, 32),
+                      "ViT: patch 4 on 32x32, dim 64, 2 layers, 4 heads, MLP 128, mean pool, "
+                      "74,954 params; each block's FFN gated per token"),
+    "gpt": ModelEntry(_gpt, (64,),
+                      "GPT char LM: vocab 65, context 64, dim 64, 2 layers, 4 heads, MLP 256, "
+                      "112,577 params; each block's FFN gated per token",
+                      input_dtype=torch.long),
+    "replicate-1b": ModelEntry(
+        _replicate_1b, (1024,),
+        "DeepMLP 1024-(4096 x 7)-1024, 109,081,600 params dense; replicate K=16 of the 7 gated "
+        "layers gives 1,682,408,448 params with the gate (build under torch.device('meta') to "
+        "inspect without memory)",
+        sal=dict(area_mode="replicate", areas=16)),
 }
 
 
-def build(name: str) -> nn.Module:
-    return _entry(name)[0]()
-
-
-def example_input(name: str, batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, *_entry(name)[1])
-
-
-def _entry(name: str):
+def _entry(name: str) -> ModelEntry:
     if name not in REGISTRY:
         raise SalcompileError(f"unknown model {name!r}; the zoo has: {sorted(REGISTRY)}.")
     return REGISTRY[name]
+
+
+def _bind(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The factory's keywords with `kwargs` applied (defaults filled in), or ModelArgumentError."""
+    sig = inspect.signature(_entry(name).factory)
+    try:
+        bound = sig.bind(**kwargs)
+    except TypeError as exc:
+        raise ModelArgumentError(f"model {name!r}: {exc}; its keywords are: "
+                                 f"{', '.join(sig.parameters)}.") from exc
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def build(name: str, **kwargs: Any) -> nn.Module:
+    """A fresh model from the zoo; `kwargs` override the factory's defaults (see REGISTRY)."""
+    _bind(name, kwargs)
+    return _entry(name).factory(**kwargs)
+
+
+def example_input(name: str, batch: int = 2, **kwargs: Any) -> torch.Tensor:
+    """A random batch for model `name` built with the same `kwargs` (input size keywords change
+    the shape: in_features, in_channels, image_size, seq_len; vocab_size bounds the tokens)."""
+    entry = _entry(name)
+    args = _bind(name, kwargs)
+    shape = list(entry.input_shape)
+    if "in_features" in args:
+        shape = [args["in_features"]]
+    if "in_channels" in args:
+        shape[0] = args["in_channels"]
+    if "image_size" in args:
+        shape[1:] = [args["image_size"]] * (len(shape) - 1)
+    if "seq_len" in args:
+        shape = [args["seq_len"]]
+    if entry.input_dtype.is_floating_point:
+        return torch.randn(batch, *shape, dtype=entry.input_dtype)
+    vocab = _vocab(args["vocab_size"], args["num_classes"])
+    return torch.randint(0, vocab, (batch, *shape), dtype=entry.input_dtype)

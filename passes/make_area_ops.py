@@ -3,12 +3,14 @@
 partition: `area_linear/area_conv(..., mode="partition")` on the layer's own weight;
 replicate: the weight (and bias) become K stacked copies of the original, mode "replicate";
 exit: a layer reading an area-sparse input keeps a dense output and reads only the input's area
-block (mode "dense", input_block=True).
+block (mode "dense", input_block=True). Layers reading an input block get their weights scaled by
+sqrt(K) (SALConfig.input_block_gain="fan_in").
 The feedback argument is left empty (backprop); attach_fa fills it. With
 `SALConfig.area_impl="reference"` the masked-dense reference implementation is used instead.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Tuple
 
 import torch
@@ -23,15 +25,20 @@ from salcompile.ops import areas as area_ops
 MODES = {"partition": "partition", "replicate": "replicate", "exit": "dense"}
 
 
-def _replicate(gm: fx.GraphModule, tracer: WeightTracer, name: str, k: int) -> torch.Tensor:
+def _replace_param(gm: fx.GraphModule, tracer: WeightTracer, name: str, fn) -> torch.Tensor:
+    """Swap parameter `name` for a new one holding fn(old) (never edits the old tensor, which
+    may be shared with the caller's ExportedProgram)."""
     owner_path, _, leaf = name.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     old = getattr(owner, leaf)
-    new = nn.Parameter(old.detach().unsqueeze(0).repeat(k, *([1] * old.dim())),
-                       requires_grad=old.requires_grad)
+    new = nn.Parameter(fn(old.detach()), requires_grad=old.requires_grad)
     setattr(owner, leaf, new)
     tracer.params[name] = new
     return new
+
+
+def _replicate(gm, tracer, name: str, k: int) -> torch.Tensor:
+    return _replace_param(gm, tracer, name, lambda w: w.unsqueeze(0).repeat(k, *([1] * w.dim())))
 
 
 def _check_rows(entry, x: fx.Node, area: fx.Node) -> None:
@@ -66,6 +73,9 @@ def make_area_ops(gm: fx.GraphModule, specs: List[LayerSpec], plan, tracer: Weig
             entry.shape = list(_replicate(gm, tracer, spec.param, k).shape)
             if spec.bias is not None:
                 _replicate(gm, tracer, spec.bias.target, k)
+        if entry.input_block and config.input_block_gain == "fan_in" and k > 1:
+            # The layer sums K times fewer inputs than its init assumed: restore the output scale.
+            _replace_param(gm, tracer, spec.param, lambda w: w * math.sqrt(k))
         common = (spec.x, area, anchor, spec.weight, spec.bias, None)
         flags = (k, mode, bool(entry.input_block), False)
         if spec.kind == "linear":

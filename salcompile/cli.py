@@ -9,8 +9,9 @@ from typing import List, Optional
 import torch
 
 from .config import (AREA_IMPLS, AREA_MODES, FEEDBACK_INITS, FEEDBACK_MODES, FEEDBACK_SCALES,
-                     ROUTE_BY, SALConfig)
+                     ROUTE_BY, BLOCK_GAINS, SALConfig)
 from .errors import SalcompileError
+from .training import OPTIMIZERS, Recipe
 from . import files
 
 
@@ -40,6 +41,30 @@ def _parser() -> argparse.ArgumentParser:
                                        "its own plan; other files the plan convert would follow)")
     source_args(i)
     config_args(i)
+
+    t = sub.add_parser("train", help="train a zoo model on a dataset with SAL/FA/DFA/BP",
+                       description="Train a zoo model on an offline dataset, one run per seed. "
+                                   "Example: python -m salcompile train --model mlp --data digits "
+                                   "--feedback fa --areas 16 --optimizer sgd --lr 0.05 --epochs 25 "
+                                   "--seeds 3 --out runs/digits-sal16")
+    t.add_argument("--model", required=True, help="zoo model name (salcompile.models.REGISTRY)")
+    t.add_argument("--data", required=True, help="dataset name (salcompile.data.DATASETS)")
+    t.add_argument("--data-dir", help="directory holding MNIST IDX / CIFAR binary files")
+    t.add_argument("--grayscale", action="store_true", help="turn colour images to grayscale")
+    t.add_argument("--flatten", action="store_true", help="flatten inputs (the paper's MLP setup)")
+    t.add_argument("--limit", type=int, help="use only the first N training samples")
+    t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=Recipe.optimizer)
+    t.add_argument("--lr", type=float, default=Recipe.lr)
+    t.add_argument("--momentum", type=float, default=Recipe.momentum)
+    t.add_argument("--weight-decay", type=float, default=Recipe.weight_decay)
+    t.add_argument("--batch", type=int, default=Recipe.batch)
+    t.add_argument("--epochs", type=int, default=Recipe.epochs)
+    t.add_argument("--seeds", type=int, default=1)
+    t.add_argument("--alignment", action="store_true",
+                   help="log the angle between the SAL update and the true gradient each epoch")
+    t.add_argument("--out", help="directory for metrics.json, metrics.csv, learning_curve.png")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config_args(t)
     return ap
 
 
@@ -62,6 +87,9 @@ def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance-weight", type=float, default=d.balance_weight)
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--area-impl", choices=AREA_IMPLS, default=d.area_impl)
+    p.add_argument("--input-block-gain", choices=BLOCK_GAINS, default=d.input_block_gain,
+                   help="fan_in: scale layers that read an area block by sqrt(K) (keeps "
+                        "activations from shrinking with depth)")
 
 
 def config_from(args) -> SALConfig:
@@ -72,7 +100,8 @@ def config_from(args) -> SALConfig:
                      areas=args.areas, area_mode=args.area_mode, route_by=args.route_by,
                      route_dim=args.route_dim, gate_layers=gate_layers,
                      routing_seed=args.routing_seed, balance_weight=args.balance_weight,
-                     temperature=args.temperature, area_impl=args.area_impl)
+                     temperature=args.temperature, area_impl=args.area_impl,
+                     input_block_gain=args.input_block_gain)
 
 
 def _shape(text: Optional[str]):
@@ -146,12 +175,25 @@ def _inspect(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .experiment import run_experiment
+    recipe = Recipe(optimizer=args.optimizer, lr=args.lr, batch=args.batch, epochs=args.epochs,
+                    momentum=args.momentum, weight_decay=args.weight_decay)
+    if args.out:
+        files.check_output_dir(args.out)
+    run_experiment(args.model, args.data, config_from(args), recipe, seeds=args.seeds,
+                   data_dir=args.data_dir, grayscale=args.grayscale, flatten=args.flatten,
+                   limit=args.limit, alignment=args.alignment, progress=not args.no_progress,
+                   out=args.out)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return {"convert": _convert, "inspect": _inspect}[args.command](args)
+            return {"convert": _convert, "inspect": _inspect, "train": _train}[args.command](args)
     except SalcompileError as exc:
         print(f"salcompile: error: {exc}", file=sys.stderr)
         return 2

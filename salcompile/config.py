@@ -13,6 +13,7 @@ FEEDBACK_SCALES = ("match", "none")
 AREA_MODES = ("partition", "replicate")
 ROUTE_BY = ("auto", "sample", "token")
 AREA_IMPLS = ("fast", "reference")
+BLOCK_GAINS = ("fan_in", "none")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class SALConfig:
     temperature:    softmax temperature over prototype similarities in the gate's local rule.
     area_impl:      "fast" (sorted, only active areas computed) or "reference" (masked dense, the
                     oracle the fast path is tested against).
+    input_block_gain: "fan_in" multiplies, at transform time, the weights of every layer that reads
+                    only its input's area block by sqrt(K): it sums K times fewer inputs than its
+                    initialisation assumed, and without the gain activations shrink by ~1/sqrt(K)
+                    per layer (exactly 0 at depth 128). "none" keeps the weights as they are.
     """
 
     feedback: str = "fa"
@@ -56,6 +61,7 @@ class SALConfig:
     balance_weight: float = 1.0
     temperature: float = 0.1
     area_impl: str = "fast"
+    input_block_gain: str = "fan_in"
 
     def __post_init__(self) -> None:
         _check_choice("feedback", self.feedback, FEEDBACK_MODES)
@@ -64,6 +70,7 @@ class SALConfig:
         _check_choice("area_mode", self.area_mode, AREA_MODES)
         _check_choice("route_by", self.route_by, ROUTE_BY)
         _check_choice("area_impl", self.area_impl, AREA_IMPLS)
+        _check_choice("input_block_gain", self.input_block_gain, BLOCK_GAINS)
         for name in ("feedback_seed", "routing_seed"):
             if not _is_int(getattr(self, name)):
                 raise SalcompileError(f"{name} must be an int, got {getattr(self, name)!r}.")

@@ -134,3 +134,21 @@ def atomic_write(path, write: Callable[[str], Any]) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def check_output_dir(path) -> Path:
+    """A directory results can be written into: created if missing, refused if not writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise SalcompileError(f"--out {p} exists and is not a directory.")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SalcompileError(f"cannot create output directory {p}: {exc.strerror}.") from exc
+    if not os.access(p, os.W_OK):
+        raise SalcompileError(f"cannot write into {p}: not writable.")
+    return p

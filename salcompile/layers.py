@@ -207,9 +207,19 @@ def _leaf_module(node: fx.Node, gm: fx.GraphModule):
                        "torch.export captures its inner layers")
 
 
+def _is_size(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    if val is not None:
+        return not isinstance(val, torch.Tensor)
+    return node.target in ("size", getattr) or "sym_size" in str(node.target)
+
+
 def _maybe_unsupported(node: fx.Node, tracer: WeightTracer):
     """Ops that take an activation and a >=2-D weight but are not linear maps we rewrite."""
     if not tracer.reads_input.get(node, False):
+        return None
+    # An input size alone (x.shape[0] in `cls.expand(B, -1, -1)`) is not an activation.
+    if not any(tracer.reads_input.get(i, False) and not _is_size(i) for i in node.all_input_nodes):
         return None
     ps = sorted({p for i in node.all_input_nodes if (p := tracer.weight_of(i)) is not None
                  and tracer.params[p].dim() >= 2})

@@ -51,13 +51,16 @@ def gradient_alignment(module, loss_fn: Callable, *inputs) -> Dict[str, float]:
     """{weight name: angle(SAL update, backprop gradient) in degrees} on one batch.
 
     `loss_fn(output) -> scalar`, e.g. `lambda out: F.cross_entropy(out, y)`. Randomness (dropout)
-    is replayed with the same RNG state for both passes.
+    is replayed with the same RNG state for both passes; routing statistics are left untouched.
     """
     sal = require_sal(module)
     names = sorted({l.weight for l in sal.sal_plan.layers})
+    counts = {n: b.clone() for n, b in sal.named_buffers() if n.endswith(".counts")}
     state = torch.random.get_rng_state()
     sal_grads = _grads(sal, loss_fn, inputs, names)
     torch.random.set_rng_state(state)
     bp_grads = _grads(backprop_reference(sal), loss_fn, inputs, names)
+    for n, v in counts.items():  # a measurement: leave the routing statistics as they were
+        sal.get_buffer(n).copy_(v)
     return {n: angle_degrees(sal_grads[n], bp_grads[n]) if sal_grads[n] is not None
             and bp_grads[n] is not None else float("nan") for n in names}

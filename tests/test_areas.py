@@ -217,3 +217,14 @@ def test_sal16_trains_mlp_cnn_and_transformer():
             losses.append(loss.item())
         assert losses[-1] < 0.7 * losses[0], (type(model).__name__, losses[0], losses[-1])
         assert salcompile.routing_stats(sal)
+
+
+def test_block_gain_keeps_deep_partition_activations_at_the_dense_scale():
+    from salcompile.models import build
+    model, x = build("deep-mlp", in_features=16, width=64, depth=12), torch.randn(64, 16)
+    before = model.layers[1].weight.detach().clone()
+    dense = model(x).std()
+    kept = salcompile.transform(model, (x,), areas=16)(x).std() / dense
+    shrunk = salcompile.transform(model, (x,), areas=16, input_block_gain="none")(x).std() / dense
+    assert 0.2 < kept < 5 and shrunk < 1e-6
+    assert torch.equal(model.layers[1].weight, before)  # the caller's model is left alone

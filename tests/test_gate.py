@@ -20,7 +20,7 @@ def test_route_is_argmax_of_prototype_similarity():
     area, anchor = ops.region_gate(feats, proj, protos, 0.1, 0.5)
     z = F.normalize(feats @ proj.detach().T, dim=1)
     assert torch.equal(area, (z @ protos.T).argmax(1))
-    assert anchor.shape == () and float(anchor) == 0.0
+    assert anchor.shape == () and anchor.item() == 0.0
 
 
 def test_local_rule_gradient_equals_autograd_of_the_local_loss():

@@ -1,0 +1,66 @@
+"""Plots people would rather look at than read: learning curves and benchmark bars (PNG)."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+from .errors import SalcompileError
+from .files import atomic_write
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SalcompileError("plots need matplotlib: pip install matplotlib (or pip install -e "
+                              "'.[dev]').") from exc
+    return plt
+
+
+def _save(fig, path) -> None:
+    plt = _pyplot()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+def learning_curve(result, path) -> None:
+    """Test accuracy and train loss per epoch, one line per seed (an ExperimentResult)."""
+    plt = _pyplot()
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in result.runs:
+        epochs = [e.epoch for e in run.records]
+        acc_ax.plot(epochs, [e.test_acc for e in run.records], label=f"seed {run.seed}")
+        loss_ax.plot(epochs, [e.train_loss for e in run.records], label=f"seed {run.seed}")
+    c = result.config
+    title = (f"{result.model} on {result.data}: feedback {c.get('feedback')}, areas "
+             f"{c.get('areas')} {c.get('area_mode') if c.get('areas', 1) > 1 else ''}")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=title)
+    loss_ax.set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def grouped_bars(groups: Sequence[str], series: Dict[str, List[Tuple[float, float]]], path,
+                 ylabel: str, title: str, markers: Dict[str, List[float]] = None) -> None:
+    """Bars with error bars: series[name][i] = (mean, std) for groups[i]; optional markers
+    (e.g. the paper's figures) drawn as black ticks per group."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(series)) / 3), 4))
+    n = max(1, len(series))
+    width = 0.8 / n
+    for i, (name, vals) in enumerate(series.items()):
+        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], label=name, capsize=2)
+    for name, vals in (markers or {}).items():
+        pts = [(g, v) for g, v in enumerate(vals) if v is not None]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="_", s=900, c="k",
+                       label=name, zorder=5)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
