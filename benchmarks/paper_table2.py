@@ -48,17 +48,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--reduced", action="store_true",
                     help="the demo form: fewer epochs and a training subset, same rows")
-    ap.add_argument("--epochs", type=int, help="default 25 (reduced: 6)")
+    ap.add_argument("--epochs", type=int, help="default 25 (reduced: 10)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--limit", type=int, help="training samples per dataset (reduced: 1500)")
+    ap.add_argument("--limit", type=int, help="training samples per dataset (reduced: 2000)")
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--out", help="output directory (default benchmarks/results, reduced: "
                                   "runs/table2-reduced)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    epochs = args.epochs or (6 if args.reduced else 25)
-    limit = args.limit or (1500 if args.reduced else None)
+    epochs = args.epochs or (10 if args.reduced else 25)
+    limit = args.limit or (2000 if args.reduced else None)
     out = args.out or (os.path.join("runs", "table2-reduced") if args.reduced
                        else os.path.join(HERE, "results"))
     os.makedirs(out, exist_ok=True)

@@ -60,8 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=Recipe.batch)
     t.add_argument("--epochs", type=int, default=Recipe.epochs)
     t.add_argument("--seeds", type=int, default=1)
-    t.add_argument("--alignment", action="store_true",
-                   help="log the angle between the SAL update and the true gradient each epoch")
+    t.add_argument("--no-alignment", action="store_true",
+                   help="skip logging the angle between the SAL update and the true backprop "
+                        "gradient (measured on 256 training samples each epoch)")
     t.add_argument("--out", help="directory for metrics.json, metrics.csv, learning_curve.png")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     config_args(t)
@@ -183,8 +184,8 @@ def _train(args) -> int:
         files.check_output_dir(args.out)
     run_experiment(args.model, args.data, config_from(args), recipe, seeds=args.seeds,
                    data_dir=args.data_dir, grayscale=args.grayscale, flatten=args.flatten,
-                   limit=args.limit, alignment=args.alignment, progress=not args.no_progress,
-                   out=args.out)
+                   limit=args.limit, alignment=not args.no_alignment,
+                   progress=not args.no_progress, out=args.out)
     return 0
 
 

@@ -69,7 +69,7 @@ def fit_model_to_data(model_name: str, dataset, **model_kwargs):
     entry = REGISTRY[model_name]
     xtr, xte = dataset.x_train, dataset.x_test
     kwargs = {"num_classes": dataset.num_classes, **model_kwargs}
-    if entry.input_dtype != torch.float32 and entry.input_dtype.is_floating_point is False:
+    if not entry.input_dtype.is_floating_point:
         raise SalcompileError(f"model {model_name!r} takes tokens; dataset {dataset.name!r} holds "
                               "features. Pick a classifier (see salcompile.models.REGISTRY).")
     if len(entry.input_shape) == 1:  # a flat-input model: flatten whatever the data is
@@ -85,6 +85,17 @@ def fit_model_to_data(model_name: str, dataset, **model_kwargs):
     return build(model_name, **kwargs), xtr, xte
 
 
+def with_model_defaults(model_name: str, config: SALConfig) -> SALConfig:
+    """Apply the zoo entry's recommended SALConfig fields where `config` keeps the default
+    (e.g. lenet5 gates only conv2: its other widths are not divisible by 16)."""
+    from .models import REGISTRY
+    entry = REGISTRY.get(model_name)
+    default = SALConfig()
+    picked = {k: v for k, v in (entry.sal if entry else {}).items()
+              if getattr(config, k) == getattr(default, k)}
+    return config.replace(**picked) if picked else config
+
+
 def run_experiment(model: str, data: str, config: SALConfig, recipe: Recipe, *, seeds: int = 1,
                    data_dir: Optional[str] = None, grayscale: bool = False, flatten: bool = False,
                    limit: Optional[int] = None, alignment: bool = False, progress: bool = True,
@@ -95,6 +106,7 @@ def run_experiment(model: str, data: str, config: SALConfig, recipe: Recipe, *, 
     if seeds < 1:
         raise SalcompileError(f"seeds must be >= 1, got {seeds}.")
     ds = datasets.load(data, data_dir=data_dir, grayscale=grayscale, flatten=flatten, limit=limit)
+    config = with_model_defaults(model, config)
     result = ExperimentResult(model, data, config.to_dict(), asdict(recipe))
     for seed in range(seeds):
         torch.manual_seed(seed)

@@ -71,7 +71,7 @@ def test_cli_train(tmp_path, capsys):
                  "--optimizer", "sgd", "--lr", "0.05", "--epochs", "2", "--seeds", "1",
                  "--no-progress", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "epoch   2/2" in text and "balance" in text and "test accuracy" in text
+    assert "epoch   2/2" in text and "balance" in text and "align" in text and "test accuracy" in text
     assert (out / "metrics.json").exists() and (out / "learning_curve.png").exists()
 
 
@@ -85,3 +85,10 @@ def test_cli_train_errors(tmp_path, capsys):
     f.write_text("x")
     assert main(["train", "--model", "mlp", "--data", "wine", "--out", str(f)]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_zoo_recommendations_apply_where_the_config_keeps_its_defaults():
+    from salcompile.experiment import with_model_defaults
+    assert with_model_defaults("lenet5", SALConfig()).gate_layers == ("conv2",)
+    assert with_model_defaults("lenet5", SALConfig(gate_layers=["fc1"])).gate_layers == ("fc1",)
+    assert with_model_defaults("mlp", SALConfig(areas=4)) == SALConfig(areas=4)
