@@ -91,6 +91,8 @@ def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-block-gain", choices=BLOCK_GAINS, default=d.input_block_gain,
                    help="fan_in: scale layers that read an area block by sqrt(K) (keeps "
                         "activations from shrinking with depth)")
+    p.add_argument("--check-finite", action="store_true",
+                   help="raise at the first NaN/inf in a layer's output or gradient, naming it")
 
 
 def config_from(args) -> SALConfig:
@@ -102,7 +104,7 @@ def config_from(args) -> SALConfig:
                      route_dim=args.route_dim, gate_layers=gate_layers,
                      routing_seed=args.routing_seed, balance_weight=args.balance_weight,
                      temperature=args.temperature, area_impl=args.area_impl,
-                     input_block_gain=args.input_block_gain)
+                     input_block_gain=args.input_block_gain, check_finite=args.check_finite)
 
 
 def _shape(text: Optional[str]):

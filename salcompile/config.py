@@ -46,6 +46,9 @@ class SALConfig:
                     only its input's area block by sqrt(K): it sums K times fewer inputs than its
                     initialisation assumed, and without the gain activations shrink by ~1/sqrt(K)
                     per layer (exactly 0 at depth 128). "none" keeps the weights as they are.
+    check_finite:   raise a SalcompileError naming the layer at the first NaN/inf in a layer's
+                    output (forward) or in the gradient reaching it (backward). Opt-in: it reads
+                    every layer output once more.
     """
 
     feedback: str = "fa"
@@ -62,6 +65,7 @@ class SALConfig:
     temperature: float = 0.1
     area_impl: str = "fast"
     input_block_gain: str = "fan_in"
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("feedback", self.feedback, FEEDBACK_MODES)
@@ -71,6 +75,8 @@ class SALConfig:
         _check_choice("route_by", self.route_by, ROUTE_BY)
         _check_choice("area_impl", self.area_impl, AREA_IMPLS)
         _check_choice("input_block_gain", self.input_block_gain, BLOCK_GAINS)
+        if not isinstance(self.check_finite, bool):
+            raise SalcompileError(f"check_finite must be True or False, got {self.check_finite!r}.")
         for name in ("feedback_seed", "routing_seed"):
             if not _is_int(getattr(self, name)):
                 raise SalcompileError(f"{name} must be an int, got {getattr(self, name)!r}.")

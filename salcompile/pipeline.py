@@ -51,6 +51,8 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
         gm = p.attach_fa(gm, specs, plan, tracer, config)
     elif config.feedback == "dfa":
         gm = p.attach_dfa(gm, specs, plan, tracer, config, head)
+    if config.check_finite:
+        gm = p.guard_finite(gm, specs, plan)
     sal = SALModule(gm, gm.graph, plan, config, original_keys)
     sal.train(getattr(model, "training", True))
     return sal
