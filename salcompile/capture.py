@@ -42,8 +42,33 @@ def capture(model: nn.Module, example_inputs: Optional[Tuple[Any, ...]] = None
         if not isinstance(example_inputs, tuple):
             example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) \
                 else (example_inputs,)
+        check_inputs(model, example_inputs)
         return _export(model, example_inputs), "export"
     return _symbolic_trace(model), "symbolic_trace"
+
+
+def check_inputs(model: nn.Module, example_inputs: tuple) -> None:
+    """Refuse dtype and device mixes up front, with the fix, instead of a trace error later."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if not params:
+        return
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    for i, t in enumerate(pytree.tree_leaves(example_inputs)):
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.device not in devices:
+            raise SalcompileError(
+                f"example input {i} is on {t.device}, the model's parameters on "
+                f"{sorted(map(str, devices))}: move one to the other (model.to(device) or x.to(...)).")
+        if t.is_floating_point() and len(dtypes) == 1 and t.dtype not in dtypes:
+            (dt,) = dtypes
+            raise SalcompileError(
+                f"example input {i} is {t.dtype}, the model's parameters {dt}: cast one to the "
+                f"other (x.to({dt}) or model.to({t.dtype})).")
+        if t.is_complex():
+            raise SalcompileError(f"example input {i} is complex ({t.dtype}); salcompile handles "
+                                  "real floating-point and integer inputs.")
 
 
 def batch_dynamic(example_inputs):

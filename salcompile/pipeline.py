@@ -41,6 +41,9 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     gm = p.normalize_layers(gm)
     gm = p.follow_training_mode(gm)
     plan, specs, tracer, head = analyse(gm, config, how)
+    if not plan.layers:
+        warnings.warn("salcompile: found no weight-carrying linear map (linear, conv, matmul, "
+                      "einsum) in the model: nothing to rewrite, it trains as before.", stacklevel=2)
     for u in plan.backprop:
         warnings.warn(f"salcompile: {u.name} ({u.op}) keeps backprop: {u.reason}.", stacklevel=2)
     if config.gated:

@@ -10,9 +10,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from .config import SALConfig
+from .errors import SalcompileError
 from .layers import LayerSpec, Unsupported, WeightTracer, recognise
 
 
@@ -135,6 +137,13 @@ def analyse(gm: fx.GraphModule, config: SALConfig, capture: str):
             specs.append(r)
         elif isinstance(r, Unsupported):
             unsupported.append(r)
+    for spec in specs:
+        val = spec.x.meta.get("val")
+        if isinstance(val, torch.Tensor) and not (val.is_floating_point() or val.is_complex()):
+            raise SalcompileError(
+                f"layer {layer_name(spec.node, spec.param)} receives {val.dtype} values: a "
+                f"{spec.op} layer needs floating-point input. Cast the example input (x.float()) "
+                "or, for token ids, feed them through an nn.Embedding first.")
     flow = dataflow_graph(gm.graph)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     reaching = nx.ancestors(flow, output.name)

@@ -103,6 +103,33 @@ def _alignment(model, x, y) -> Optional[float]:
     return sum(angles) / len(angles) if angles else None
 
 
+def _check_split(name, x, y) -> None:
+    """Labels the loss can use, caught before the first step (not deep inside cross_entropy)."""
+    if len(x) != len(y):
+        raise SalcompileError(f"{name} set: {len(x)} inputs but {len(y)} labels.")
+    if len(x) == 0:
+        raise SalcompileError(f"{name} set is empty.")
+    if y.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+        raise SalcompileError(f"{name} labels must be integer class ids, got {y.dtype}; "
+                              "convert with y.long().")
+    if int(y.min()) < 0:
+        raise SalcompileError(f"{name} labels must be >= 0, found {int(y.min())}.")
+
+
+def _check_labels_fit(model, x, y) -> None:
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        saved = _routing_counts(model)
+        classes = model(x[:2]).shape[-1]
+        _restore(model, saved)
+        model.train(was)
+    top = int(y.max())
+    if top >= classes:
+        raise SalcompileError(f"labels go up to {top}, but the model outputs {classes} classes; "
+                              f"build the model with num_classes >= {top + 1}.")
+
+
 def fit(model: nn.Module, train, test, recipe: Recipe = Recipe(), *, seed: int = 0,
         alignment: bool = False, progress: bool = False, desc: str = "",
         on_epoch: Optional[Callable[[EpochRecord], None]] = None) -> List[EpochRecord]:
@@ -113,6 +140,9 @@ def fit(model: nn.Module, train, test, recipe: Recipe = Recipe(), *, seed: int =
     """
     from .routing import reset_routing_stats, routing_stats
     (xtr, ytr), (xte, yte) = train, test
+    _check_split("train", xtr, ytr)
+    _check_split("test", xte, yte)
+    _check_labels_fit(model, xtr, torch.cat([ytr.long(), yte.long()]))
     opt = recipe.make_optimizer(model.parameters())
     gen = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(xtr) / recipe.batch)
@@ -132,7 +162,7 @@ def fit(model: nn.Module, train, test, recipe: Recipe = Recipe(), *, seed: int =
                 idx = order[i:i + recipe.batch]
                 opt.zero_grad(set_to_none=True)
                 out = model(xtr[idx])
-                loss = F.cross_entropy(out, ytr[idx])
+                loss = F.cross_entropy(out, ytr[idx].long())
                 loss.backward()
                 opt.step()
                 total_loss += float(loss.detach()) * len(idx)

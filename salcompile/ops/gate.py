@@ -11,16 +11,52 @@ which ignores the incoming gradient and returns dL_local/dP for the gate's own l
 
 (f_k: fraction of rows routed to k, a constant; p̄_k: mean probability of k). No error of the
 network loss reaches P, and no gradient flows from the gate into the activations it reads.
+
+f_k and the mean's row count are batch-global. Under data parallelism (torch.distributed
+initialised, e.g. DistributedDataParallel) the backward sums the per-area counts over the process
+group (`salcompile::global_route_counts`, an opaque op: torch.compile keeps the collective out of
+its graphs) and returns world/N_global · Σ_own rows, so that DDP's average over the ranks is the
+gradient of one process on the concatenated batch. One process: the same numbers, bit for bit.
+`salcompile.distributed.sync_gates` chooses the group or turns this off.
 """
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 _TINY = 1e-12
+
+# What the gates' local rule sums its batch statistics over (salcompile.distributed.sync_gates):
+# group None = the default (WORLD) group, the one DistributedDataParallel averages over by default.
+_SYNC = {"enabled": True, "group": None}
+
+
+def sync_group():
+    """The process group the gates' statistics are summed over, or None (one process)."""
+    if not (_SYNC["enabled"] and dist.is_available() and dist.is_initialized()):
+        return None
+    return _SYNC["group"] if _SYNC["group"] is not None else dist.group.WORLD
+
+
+@torch.library.custom_op("salcompile::global_route_counts", mutates_args=())
+def global_route_counts(counts: Tensor) -> Tensor:
+    """counts [K] (this process's rows per area) → [K + 1]: the counts summed over the gates'
+    process group, then the group's size (the input and 1 without a process group)."""
+    group = sync_group()
+    if group is None:
+        return torch.cat([counts, counts.new_ones(1)])
+    total = counts.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return torch.cat([total, total.new_full((1,), float(dist.get_world_size(group)))])
+
+
+@global_route_counts.register_fake
+def _(counts):
+    return counts.new_empty(counts.shape[0] + 1)
 
 
 def route(features: Tensor, proj: Tensor, prototypes: Tensor) -> Tensor:
@@ -42,15 +78,21 @@ def _(features, proj, prototypes, temperature, balance_weight):
 
 def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Tensor,
                     temperature: float, balance_weight: float) -> Tensor:
-    """dL_local/dP, written out (no autograd inside a backward, so it compiles)."""
+    """dL_local/dP, written out (no autograd inside a backward, so it compiles).
+
+    Under a process group (see the module docstring) it is world/N_global times the sum over this
+    process's rows, with f_k the whole group's fractions: the group's mean of it is dL_local/dP
+    of the concatenated batch."""
     u = features.matmul(proj.t())
     n = u.norm(dim=-1, keepdim=True).clamp_min(_TINY)
     z = u / n
     k = prototypes.shape[0]
     p = torch.softmax(z.matmul(prototypes.t()) / temperature, dim=-1)
     y = F.one_hot(area, k).to(p.dtype)
-    rows = max(1, features.shape[0])
-    frac = y.mean(0) if features.shape[0] else y.sum(0)
+    stats = global_route_counts(y.sum(0, dtype=torch.float64))  # [counts over the group, world]
+    total = stats[:-1].sum().clamp_min(1)
+    frac = (stats[:-1] / total).to(p.dtype)
+    rows = total / stats[-1]   # N_global / world (= N for one process)
     # d/ds of CE (p - y) and of the balance term α·K·Σ_k f_k p_k (softmax Jacobian applied to f).
     gs = (p - y + balance_weight * k * p * (frac - (p * frac).sum(-1, keepdim=True))) / rows
     gz = gs.matmul(prototypes) / temperature

@@ -1,0 +1,119 @@
+"""Data-parallel training of a transformed model (DistributedDataParallel, one process per device).
+
+What is batch-global in a transformed model, and how it is kept global (docs/distributed.md):
+- layer weights, biases, FA/DFA feedback updates: per-row sums, averaged by DDP as usual;
+- the region gates' local rule (per-area fractions f_k, the mean's row count): the gate's backward
+  sums its per-area counts over the process group itself (salcompile/ops/gate.py), whenever
+  torch.distributed is initialised; `sync_gates` picks the group or turns it off;
+- the routing counters (`sal_gates.<gate>.counts`, non-persistent buffers written in forward): per
+  process. `routing_stats` here sums them over the group; `data_parallel` (or
+  `ignore_routing_counts`) keeps DDP's buffer broadcast from overwriting them.
+
+    dist.init_process_group("nccl")
+    sal = salcompile.transform(model, example_inputs=(x,))        # same seeds on every rank
+    ddp = salcompile.distributed.data_parallel(sal, device_ids=[rank])
+    ...train...
+    stats = salcompile.distributed.routing_stats(ddp)             # every rank calls it
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .ops import gate as _gate
+from .routing import reset_routing_stats as _reset_local
+from .routing import routing_stats as _local_stats
+
+__all__ = ["sync_gates", "data_parallel", "ignore_routing_counts", "routing_stats",
+           "reset_routing_stats", "unwrap"]
+
+
+def sync_gates(enabled: bool = True, group: Optional["dist.ProcessGroup"] = None) -> None:
+    """Which process group the gates' local rule takes its batch statistics over.
+
+    Default: on, over the default (WORLD) group, which is what DistributedDataParallel averages
+    over. Pass the group you gave DDP's `process_group=`, or `enabled=False` when the processes
+    train independent models (each gate then uses its own batch only, as with one process)."""
+    _gate._SYNC.update(enabled=bool(enabled), group=group)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The transformed module inside torch.compile and DistributedDataParallel wrappers."""
+    while True:
+        if isinstance(module, DistributedDataParallel):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _count_names(module: nn.Module) -> List[str]:
+    return [n for n, _ in module.named_buffers()
+            if n.split(".")[0] == "sal_gates" and n.endswith(".counts")]
+
+
+def ignore_routing_counts(module: nn.Module) -> nn.Module:
+    """Exclude the routing counters from DDP's buffer broadcast (call before wrapping): with
+    `broadcast_buffers=True` DDP would otherwise copy rank 0's counters over every other rank's at
+    each forward. Returns `module`."""
+    target = unwrap(module)
+    names = _count_names(target)
+    prefix = "" if target is module else _prefix(module, target)
+    ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        module, sorted(ignored | {prefix + n for n in names}))
+    return module
+
+
+def _prefix(outer: nn.Module, inner: nn.Module) -> str:
+    for name, sub in outer.named_modules():
+        if sub is inner:
+            return name + "." if name else ""
+    return ""
+
+
+def data_parallel(module: nn.Module, broadcast_buffers: bool = False,
+                  **ddp_kwargs) -> DistributedDataParallel:
+    """`DistributedDataParallel(module, broadcast_buffers=False, **ddp_kwargs)` with the routing
+    counters kept per process (so `broadcast_buffers=True` is safe too, e.g. for batch norm's
+    running statistics), and the gates synchronised over DDP's `process_group`."""
+    sync_gates(True, ddp_kwargs.get("process_group"))
+    ignore_routing_counts(module)
+    return DistributedDataParallel(module, broadcast_buffers=broadcast_buffers, **ddp_kwargs)
+
+
+def routing_stats(module: nn.Module, group: Optional["dist.ProcessGroup"] = None
+                  ) -> Dict[str, dict]:
+    """salcompile.routing_stats over the rows every process of `group` (default: the gates' group,
+    see `sync_gates`) routed: the counters are summed with one all_reduce, so every rank of the
+    group must call it. Without a process group it is salcompile.routing_stats. Accepts a
+    transformed, compiled or DDP-wrapped module; the local counters are left as they were."""
+    target = unwrap(module)
+    group = group if group is not None else _gate.sync_group()
+    if group is None:
+        return _local_stats(target)
+    bufs = [b for n, b in target.named_buffers() if n in set(_count_names(target))]
+    if not bufs:
+        return {}
+    local = [b.detach().clone() for b in bufs]
+    total = torch.cat([b.reshape(-1) for b in local])
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    try:
+        with torch.no_grad():
+            for b, t in zip(bufs, total.split([b.numel() for b in bufs])):
+                b.copy_(t.view_as(b))
+        return _local_stats(target)
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(bufs, local):
+                b.copy_(saved)
+
+
+def reset_routing_stats(module: nn.Module) -> None:
+    """Zero this process's routing counters (on a transformed, compiled or DDP-wrapped module)."""
+    _reset_local(unwrap(module))

@@ -1,0 +1,165 @@
+"""Every bad input a new user can give gets a SalcompileError saying what is wrong and what to do,
+with nothing half-written on disk. docs/bad_input.md lists the same cases (checked below)."""
+import os
+import pathlib
+import re
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import salcompile
+from salcompile import SalcompileError
+import salcompile.data
+from salcompile.cli import main
+from salcompile.models import MLP
+from salcompile.training import Recipe, fit
+
+DOC = pathlib.Path(__file__).parents[1] / "docs" / "bad_input.md"
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.l(x) if x.sum() > 0 else -self.l(x)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def _x(n=2, d=8, **kw):
+    return torch.randn(n, d, **kw)
+
+
+def _transform(**kw):
+    return lambda tmp: salcompile.transform(MLP(8, 16, 3), (_x(),), **kw)
+
+
+def _archive(tmp):
+    path = tmp / "m.pt2"
+    sal = salcompile.transform(MLP(8, 16, 3), (_x(),), areas=4)
+    salcompile.save(sal, (_x(),), path)
+    return sal, path
+
+
+def _write(tmp, name, data):
+    (tmp / name).write_bytes(data)
+    return tmp / name
+
+
+def _truncated(tmp):
+    _, path = _archive(tmp)
+    data = path.read_bytes()
+    return salcompile.load(_write(tmp, "cut.pt2", data[: len(data) // 2]))
+
+
+def _fit(y, n=8):
+    sal = salcompile.transform(MLP(8, 16, 3), (_x(),), areas=4)
+    return fit(sal, (_x(n), y), (_x(4), torch.zeros(4, dtype=torch.long)), Recipe(epochs=1))
+
+
+def _no_sklearn(tmp, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    return salcompile.data.load("wine")
+
+
+def _cli(*args):
+    def run(tmp):
+        rc = main([str(a).replace("TMP", str(tmp)) for a in args])
+        assert rc == 2
+        raise SalcompileError("cli")  # the message is checked from stderr by the test
+    return run
+
+
+# (case id as in docs/bad_input.md, what the user does, a phrase the error must contain)
+CASES = [
+    ("not-a-module", lambda tmp: salcompile.transform(lambda x: x), "needs a torch.nn.Module"),
+    ("untraceable-control-flow", lambda tmp: salcompile.transform(DataDependent(), (_x(2, 4),)),
+     "control flow"),
+    ("example-inputs-wrong-shape", lambda tmp: salcompile.transform(MLP(8, 16, 3), (_x(2, 5),)),
+     "example_inputs match"),
+    ("example-inputs-missing-argument", lambda tmp: salcompile.transform(MLP(8, 16, 3), ()),
+     "missing a required argument"),
+    ("example-inputs-too-many", lambda tmp: salcompile.transform(MLP(8, 16, 3), (_x(), _x())),
+     "too many positional arguments"),
+    ("integer-input-to-a-layer",
+     lambda tmp: salcompile.transform(MLP(8, 16, 3), (torch.randint(0, 3, (2, 8)),)),
+     "needs floating-point input"),
+    ("dtype-mix", lambda tmp: salcompile.transform(MLP(8, 16, 3), (_x(dtype=torch.float64),)),
+     "cast one to the other"),
+    ("device-mix", lambda tmp: salcompile.transform(MLP(8, 16, 3), (_x(device="meta"),)),
+     "move one to the other"),
+    ("width-not-divisible-by-k", _transform(areas=3), "not divisible by K=3"),
+    ("k-below-1", _transform(areas=0), "areas (K) must be an int >= 1"),
+    ("unknown-config-value", _transform(area_mode="moe"), "['partition', 'replicate']"),
+    ("unknown-config-field", _transform(aeras=4), "unknown SALConfig field"),
+    ("gate-layers-match-nothing", _transform(gate_layers=["conv*"]), "matches no layer"),
+    ("gate-layers-ineligible", _transform(areas=4, gate_layers=["layers.1"]),
+     "not divisible by K=4"),
+    ("dfa-with-weight-init", _transform(feedback="dfa", feedback_init="weights"), "no weight"),
+    ("already-transformed",
+     lambda tmp: salcompile.transform(salcompile.transform(MLP(8, 16, 3), (_x(),))),
+     "already been transformed"),
+    ("empty-archive", lambda tmp: salcompile.load(_write(tmp, "e.pt2", b"")), "empty"),
+    ("truncated-archive", _truncated, "truncated"),
+    ("not-an-archive", lambda tmp: salcompile.load(_write(tmp, "m.onnx", b"\x08\x07\x12\x04abc")),
+     "not a readable torch.export archive"),
+    ("output-exists", lambda tmp: salcompile.save(_archive(tmp)[0], (_x(),), tmp / "m.pt2"),
+     "pass --force"),
+    ("output-directory-missing",
+     lambda tmp: salcompile.save(_archive(tmp)[0], (_x(),), tmp / "nope" / "m.pt2"),
+     "does not exist"),
+    ("untrusted-pickle", _cli("convert", "TMP/evil.pt", "-o", "TMP/x.pt2"), "runs code"),
+    ("state-dict-without-model", _cli("convert", "TMP/w.pt", "-o", "TMP/x.pt2"), "--model"),
+    ("missing-optional-dependency", _no_sklearn, "pip install"),
+    ("unknown-dataset", lambda tmp: salcompile.data.load("imagenet"), "digits"),
+    ("dataset-files-missing", lambda tmp: salcompile.data.load("mnist", data_dir=str(tmp)),
+     "train-images-idx3-ubyte"),
+    ("unknown-model", lambda tmp: salcompile.models.build("resnet1000"), "resnet20"),
+    ("labels-out-of-range", lambda tmp: _fit(torch.arange(8)), "num_classes >= 8"),
+    ("labels-not-integer", lambda tmp: _fit(torch.zeros(8)), "integer class ids"),
+    ("inputs-and-labels-differ", lambda tmp: _fit(torch.zeros(7, dtype=torch.long)),
+     "8 inputs but 7 labels"),
+    ("bad-recipe", lambda tmp: Recipe(optimizer="lbfgs"), "choose one of"),
+]
+
+
+@pytest.fixture
+def tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": _Evil()}, tmp_path / "evil.pt")
+    torch.save(MLP(8, 16, 3).state_dict(), tmp_path / "w.pt")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case,action,phrase", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(case, action, phrase, tmp,
+                                                              monkeypatch, capsys):
+    before = set(tmp.rglob("*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(SalcompileError) as err:
+            if action.__code__.co_argcount == 2:
+                action(tmp, monkeypatch)
+            else:
+                action(tmp)
+    message = str(err.value) if str(err.value) != "cli" else capsys.readouterr().err
+    assert phrase in message, message
+    assert len(message) > 30  # says what to do, not just what failed
+    left = {p for p in set(tmp.rglob("*")) - before
+            if p.name not in ("m.pt2", "e.pt2", "cut.pt2", "m.onnx")}
+    assert not left, f"left behind: {left}"
+    assert not (tmp / "PWNED").exists()
+
+
+def test_docs_table_lists_exactly_the_tested_cases():
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \|", DOC.read_text(), re.M)
+    assert sorted(rows) == sorted(c[0] for c in CASES)

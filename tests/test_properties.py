@@ -1,0 +1,193 @@
+"""Property tests (hypothesis) of the SAL invariants over random MLP/CNN shapes, K, batch sizes and
+seeds, in float64:
+
+1. FA with B = W and no rescaling gives exactly backprop's gradients, dense and with areas;
+2. K=1 areas with gates on every non-head layer is the dense model (gates get a zero gradient);
+3. the fast area implementation equals the masked-dense reference (FA, DFA, BP);
+4. the same seeds give the same outputs, gradients, feedback matrices and routing; another
+   routing seed gives other prototypes.
+
+Examples are derandomized (no example database), so every run checks the same cases.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import salcompile
+from salcompile.models import MLP
+from conftest import D, assert_grads_equal, grads, loss_of
+
+torch.set_num_threads(1)
+
+pytestmark = pytest.mark.filterwarnings("ignore:example_inputs have batch size 1")
+
+SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+KS = st.sampled_from([1, 2, 4])
+SEEDS = st.integers(0, 2**16)
+
+
+class CNN(nn.Module):
+    """conv → relu → conv → relu → max-pool → flatten → linear → relu → head."""
+
+    def __init__(self, c_in, c, side, hidden, d_out):
+        super().__init__()
+        self.c1 = nn.Conv2d(c_in, c, 3, padding=1)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1)
+        self.fc = nn.Linear(c * (side // 2) ** 2, hidden)
+        self.head = nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = F.max_pool2d(torch.relu(self.c2(h)), 2)
+        return self.head(torch.relu(self.fc(h.flatten(1))))
+
+
+@st.composite
+def cases(draw, ks=KS):
+    """A spec: (K, a float64 model factory, its head's layer name, an input batch). Every gated
+    width is a multiple of K, so both area modes apply."""
+    k = draw(ks)
+    batch = draw(st.integers(1, 6))
+    model_seed, input_seed = draw(SEEDS), draw(SEEDS)
+    gen = torch.Generator().manual_seed(input_seed)
+    if draw(st.sampled_from(["mlp", "cnn"])) == "mlp":
+        d_in, d_out = draw(st.integers(1, 6)), draw(st.integers(1, 4))
+        hidden, depth = k * draw(st.integers(1, 4)), draw(st.integers(2, 4))
+        shape = (batch, d_in)
+        head = f"layers.{depth - 1}"
+        build = lambda: MLP(d_in, hidden, d_out, depth=depth)  # noqa: E731
+        desc = f"MLP({d_in}, {hidden}, {d_out}, depth={depth})"
+    else:
+        c_in, c = draw(st.integers(1, 3)), k * draw(st.integers(1, 2))
+        side, hidden, d_out = draw(st.integers(2, 5)), k * draw(st.integers(1, 3)), draw(st.integers(1, 4))
+        shape = (batch, c_in, side, side)
+        head = "head"
+        build = lambda: CNN(c_in, c, side, hidden, d_out)  # noqa: E731
+        desc = f"CNN(c_in={c_in}, c={c}, side={side}, hidden={hidden}, d_out={d_out})"
+    x = torch.randn(*shape, dtype=D, generator=gen)
+
+    def make():
+        torch.manual_seed(model_seed)
+        return build().double()
+
+    make.desc = f"{desc} seed={model_seed}"
+    return k, make, head, x
+
+
+def _transform(model, x, **kw):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="example_inputs have batch size 1")
+        return salcompile.transform(model, (x,), **kw)
+
+
+def _note(k, make, x, **kw):
+    from hypothesis import note
+    note(f"K={k} {make.desc} x={tuple(x.shape)} {kw}")
+
+
+def _without_gates(g):
+    return {n: v for n, v in g.items() if not n.startswith("sal_gates.")}
+
+
+# 1. FA with B = W ≡ BP ------------------------------------------------------------------------
+
+@settings(max_examples=14, **SETTINGS)
+@given(case=cases(), mode=st.sampled_from(["partition", "replicate"]),
+       feedback_seed=SEEDS, routing_seed=SEEDS)
+def test_fa_with_weights_equals_bp(case, mode, feedback_seed, routing_seed):
+    k, make, _, x = case
+    kw = dict(areas=k, area_mode=mode, feedback_seed=feedback_seed, routing_seed=routing_seed)
+    _note(k, make, x, **kw)
+    model = make()
+    fa = _transform(model, x, feedback="fa", feedback_init="weights", feedback_scale="none", **kw)
+    bp = _transform(model, x, feedback="bp", **kw)
+    assert bool(fa.sal_plan.regions) == (k > 1)
+    torch.testing.assert_close(fa(x), bp(x), rtol=0, atol=0)
+    g_fa, g_bp = grads(fa, x), grads(bp, x)
+    assert any(float(v.abs().max()) > 0 for v in g_bp.values())
+    assert_grads_equal(g_fa, g_bp, rtol=1e-10, atol=1e-12)
+
+
+# 2. K=1 areas ≡ dense --------------------------------------------------------------------------
+
+@settings(max_examples=14, **SETTINGS)
+@given(case=cases(ks=st.just(1)), feedback=st.sampled_from(["fa", "bp", "dfa"]),
+       feedback_seed=SEEDS, routing_seed=SEEDS)
+def test_one_area_with_gates_equals_dense(case, feedback, feedback_seed, routing_seed):
+    k, make, head, x = case
+    kw = dict(areas=1, feedback=feedback, feedback_seed=feedback_seed, routing_seed=routing_seed)
+    _note(k, make, x, **kw)
+    model = make()
+    dense = _transform(model, x, **kw)
+    gated = _transform(model, x, gate_layers=lambda name: name != head, **kw)
+    assert not dense.sal_plan.regions and gated.sal_plan.regions
+    assert any(n.startswith("sal_gates.") for n, _ in gated.named_parameters())
+    torch.testing.assert_close(gated(x), dense(x), rtol=0, atol=0)
+    got, ref = grads(gated, x), grads(dense, x)
+    gate_grads = {n: v for n, v in got.items() if n.startswith("sal_gates.")}
+    assert all(float(v.abs().max()) == 0 for v in gate_grads.values()), gate_grads
+    assert_grads_equal(_without_gates(got), ref, rtol=1e-12, atol=1e-14)
+
+
+# 3. fast ≡ reference ---------------------------------------------------------------------------
+
+@settings(max_examples=16, **SETTINGS)
+@given(case=cases(), mode=st.sampled_from(["partition", "replicate"]),
+       feedback=st.sampled_from(["fa", "dfa", "bp"]), feedback_seed=SEEDS, routing_seed=SEEDS)
+def test_fast_equals_reference(case, mode, feedback, feedback_seed, routing_seed):
+    k, make, _, x = case
+    kw = dict(areas=k, area_mode=mode, feedback=feedback, feedback_seed=feedback_seed,
+              routing_seed=routing_seed)
+    _note(k, make, x, **kw)
+    model = make()  # one instance, transformed twice (transform copies it)
+    fast = _transform(model, x, area_impl="fast", **kw)
+    ref = _transform(model, x, area_impl="reference", **kw)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-10, atol=1e-12)
+    g_fast, g_ref = grads(fast, x), grads(ref, x)
+    assert_grads_equal(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+    assert salcompile.routing_stats(fast).keys() == salcompile.routing_stats(ref).keys()
+    for gate, s in salcompile.routing_stats(fast).items():
+        assert s["counts"] == salcompile.routing_stats(ref)[gate]["counts"], gate
+
+
+# 4. determinism --------------------------------------------------------------------------------
+
+@settings(max_examples=12, **SETTINGS)
+@given(case=cases(), mode=st.sampled_from(["partition", "replicate"]),
+       feedback=st.sampled_from(["fa", "dfa", "bp"]), feedback_seed=SEEDS, routing_seed=SEEDS,
+       noise_seed=SEEDS)
+def test_same_seeds_same_model(case, mode, feedback, feedback_seed, routing_seed, noise_seed):
+    k, make, head, x = case
+    kw = dict(areas=k, area_mode=mode, feedback=feedback, feedback_seed=feedback_seed,
+              routing_seed=routing_seed)
+    if k == 1:  # gates with a single area: routing is still defined and seeded
+        kw["gate_layers"] = lambda name: name != head
+    _note(k, make, x, **kw)
+    runs = []
+    for _ in range(2):
+        model = make()
+        torch.manual_seed(noise_seed)  # the global RNG between transforms must not matter
+        torch.rand(int(noise_seed % 7) + 1)
+        sal = _transform(model, x, **kw)
+        out = sal(x).detach().clone()
+        g = grads(sal, x)
+        fb = {n: t.detach().clone() for n, t in salcompile.feedback_matrices(sal).items()}
+        routing = {gate: s["counts"] for gate, s in salcompile.routing_stats(sal).items()}
+        runs.append((sal, out, g, fb, routing))
+    (a, out_a, g_a, fb_a, r_a), (_, out_b, g_b, fb_b, r_b) = runs
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    assert_grads_equal(g_a, g_b, rtol=0, atol=0)
+    assert fb_a.keys() == fb_b.keys() and (bool(fb_a) == (feedback != "bp"))
+    for n in fb_a:
+        assert torch.equal(fb_a[n], fb_b[n]), n
+    assert r_a == r_b and "gate_0" in r_a
+    assert all(sum(c) == 2 * x.shape[0] for c in r_a.values())  # two forwards, one per sample
+    other = _transform(make(), x, **{**kw, "routing_seed": routing_seed + 1})
+    pa = a.get_buffer("sal_gates.gate_0.prototypes")
+    assert not torch.equal(pa, other.get_buffer("sal_gates.gate_0.prototypes"))
