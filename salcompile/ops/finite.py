@@ -1,9 +1,9 @@
 """`check_finite(x, layer)`: the guard `SALConfig(check_finite=True)` puts after every layer.
 
 Forward: a copy of `x` (a custom op's output may not alias its input), or a SalcompileError naming
-the layer when `x` holds NaN or inf. Backward: the incoming gradient passes through unchanged (values), after
-the same check, done by the op `check_finite_grad` ("the gradient reaching layer ..."). Reading the tensor's values is a host sync: an
-opt-in debugging aid, not for production speed.
+the layer when `x` holds NaN or inf. Backward: the incoming gradient passes through with its values
+unchanged, after the same check ("the gradient reaching layer ..."), done by the op
+`check_finite_grad`. Reading the values is a host sync: an opt-in debugging aid, not for speed.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import Tensor
 
 from salcompile.errors import SalcompileError
 
-_ADVICE = ("check the learning rate, the input data and the loss; feedback_scale='match' keeps the "
-           "feedback matrices at the scale of the weights")
+_ADVICE = ("lower the learning rate, check the input data and the loss, or use "
+           "feedback_scale='match' (keeps each feedback matrix at the scale of its weight)")
 
 
 def _check(x: Tensor, layer: str, where: str) -> None:
