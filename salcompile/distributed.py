@@ -17,6 +17,7 @@ What is batch-global in a transformed model, and how it is kept global (docs/dis
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, List, Optional
 
 import torch
@@ -58,9 +59,9 @@ def _count_names(module: nn.Module) -> List[str]:
 
 
 def ignore_routing_counts(module: nn.Module) -> nn.Module:
-    """Exclude the routing counters from DDP's buffer broadcast (call before wrapping): with
-    `broadcast_buffers=True` DDP would otherwise copy rank 0's counters over every other rank's at
-    each forward. Returns `module`."""
+    """Exclude the routing counters from DDP's buffer syncs (call before wrapping): with
+    `forward_sync_buffers=True` (`broadcast_buffers=True` before torch 2.13, the default) DDP would
+    otherwise copy rank 0's counters over every other rank's at each forward. Returns `module`."""
     target = unwrap(module)
     names = _count_names(target)
     prefix = "" if target is module else _prefix(module, target)
@@ -77,14 +78,26 @@ def _prefix(outer: nn.Module, inner: nn.Module) -> str:
     return ""
 
 
-def data_parallel(module: nn.Module, broadcast_buffers: bool = False,
+def data_parallel(module: nn.Module, forward_sync_buffers: bool = False,
                   **ddp_kwargs) -> DistributedDataParallel:
-    """`DistributedDataParallel(module, broadcast_buffers=False, **ddp_kwargs)` with the routing
-    counters kept per process (so `broadcast_buffers=True` is safe too, e.g. for batch norm's
-    running statistics), and the gates synchronised over DDP's `process_group`."""
+    """`DistributedDataParallel(module, **ddp_kwargs)` for a transformed (or compiled) module: the
+    routing counters stay per process (excluded from DDP's buffer syncs, so
+    `forward_sync_buffers=True` is safe too, e.g. for batch norm's running statistics) and the
+    gates are synchronised over DDP's `process_group`.
+
+    `forward_sync_buffers=False` (default): buffers are broadcast from rank 0 once, when DDP is
+    built, not at every forward; the feedback matrices and prototypes never change, so
+    re-broadcasting them (as large as the weights) would only cost time. torch < 2.13 has no
+    `forward_sync_buffers`; there it is passed as `broadcast_buffers`."""
     sync_gates(True, ddp_kwargs.get("process_group"))
     ignore_routing_counts(module)
-    return DistributedDataParallel(module, broadcast_buffers=broadcast_buffers, **ddp_kwargs)
+    if "broadcast_buffers" not in ddp_kwargs and "forward_sync_buffers" not in ddp_kwargs:
+        key = "forward_sync_buffers" if _HAS_FORWARD_SYNC else "broadcast_buffers"
+        ddp_kwargs[key] = forward_sync_buffers
+    return DistributedDataParallel(module, **ddp_kwargs)
+
+
+_HAS_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
 
 
 def routing_stats(module: nn.Module, group: Optional["dist.ProcessGroup"] = None

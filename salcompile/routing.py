@@ -13,9 +13,21 @@ from .module import SALModule
 _PREFIX, _SUFFIX = "sal_gates.", ".counts"
 
 
+def _unwrap(module):
+    """Strip torch.compile (`_orig_mod`) and DistributedDataParallel (`module`) wrappers."""
+    from torch.nn.parallel import DistributedDataParallel
+    while True:
+        if isinstance(module, DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module, nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
 def _counters(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """{gate: its counts buffer} of a transformed module, a compiled one, or a reloaded archive."""
-    target = getattr(module, "_orig_mod", module)
+    """{gate: its counts buffer} of a transformed module, a compiled, DDP-wrapped or reloaded one."""
+    target = _unwrap(module)
     if not isinstance(target, nn.Module):
         raise SalcompileError(f"expected a module returned by salcompile.transform() or "
                               f"salcompile.load(), got {type(module).__name__}.")
@@ -33,7 +45,7 @@ def routing_stats(module) -> Dict[str, dict]:
     busiest area's share over the even share 1/K (1.0 = even, K = collapsed); layers: the gated
     layers the gate routes.
     """
-    target = getattr(module, "_orig_mod", module)
+    target = _unwrap(module)
     layers = {r["gate"]: list(r["layers"]) for r in target.sal_plan.regions} \
         if isinstance(target, SALModule) else {}
     out = {}
