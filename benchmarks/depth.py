@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(1)  # tiny matmuls: one thread avoids OpenMP stalls on a busy CPU
     recipe = Recipe(optimizer="adam", lr=1e-3, batch=16, epochs=args.epochs)
     data = load("digits")
     depths = [int(d) for d in args.depths.split(",")]

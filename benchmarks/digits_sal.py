@@ -66,6 +66,7 @@ def main() -> None:
                                                   "digits_sal.md"))
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(1)  # tiny matmuls: one thread avoids OpenMP stalls on a busy CPU
     train, test = digits()
     print(salcompile.plan(MLP(64, 256, 10), (train[0][:2],), areas=16))
     rows = []

@@ -56,7 +56,7 @@ def main() -> None:
                                   "runs/table2-reduced)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(1)  # tiny matmuls: one thread avoids OpenMP stalls on a busy CPU
     epochs = args.epochs or (10 if args.reduced else 25)
     limit = args.limit or (2000 if args.reduced else None)
     out = args.out or (os.path.join("runs", "table2-reduced") if args.reduced
