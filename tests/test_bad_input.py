@@ -129,7 +129,18 @@ CASES = [
     ("inputs-and-labels-differ", lambda tmp: _fit(torch.zeros(7, dtype=torch.long)),
      "8 inputs but 7 labels"),
     ("bad-recipe", lambda tmp: Recipe(optimizer="lbfgs"), "choose one of"),
+    ("nan-in-training-data",
+     lambda tmp: salcompile.transform(MLP(8, 16, 3), (_x(),), areas=4, check_finite=True)(
+         torch.full((2, 8), float("nan"))), "non-finite value in the model input"),
+    ("inf-weight-during-training", lambda tmp: _inf_weight(), "layer layers.1"),
 ]
+
+
+def _inf_weight():
+    sal = salcompile.transform(MLP(8, 16, 3, depth=3), (_x(),), areas=4, check_finite=True)
+    with torch.no_grad():
+        sal.get_parameter("layers.1.weight")[0, 0] = float("inf")
+    return sal(_x())
 
 
 @pytest.fixture
