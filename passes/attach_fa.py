@@ -66,6 +66,7 @@ def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SAL
         node.replace_all_uses_with(new)
         g.erase_node(node)
         replaced[node] = spec.node = new
+        entry.node = new.name
     g.lint()
     gm.recompile()
     return gm

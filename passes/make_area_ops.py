@@ -94,6 +94,7 @@ def make_area_ops(gm: fx.GraphModule, specs: List[LayerSpec], plan, tracer: Weig
         node.replace_all_uses_with(new)
         g.erase_node(node)
         replaced[node] = spec.node = new
+        entry.node = new.name
         spec.area = True
     g.lint()
     gm.recompile()
