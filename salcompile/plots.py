@@ -54,13 +54,14 @@ def grouped_bars(groups: Sequence[str], series: Dict[str, List[Tuple[float, floa
     for i, (name, vals) in enumerate(series.items()):
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], label=name, capsize=2)
-    for name, vals in (markers or {}).items():
+    styles = [dict(marker="*", c="k", s=160), dict(marker="X", c="dimgray", s=110),
+              dict(marker="D", c="k", s=60)]
+    for (name, vals), style in zip((markers or {}).items(), styles):
         pts = [(g, v) for g, v in enumerate(vals) if v is not None]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="_", s=900, c="k",
-                       label=name, zorder=5)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=name, zorder=5, **style)
     ax.set_xticks(range(len(groups)), groups)
     ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _save(fig, path)
