@@ -173,6 +173,7 @@ def plot(results, archs, depth, modes, path):
         for ax in axes[i]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+    fig.tight_layout()
     _save(fig, path)
 
 

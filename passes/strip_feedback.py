@@ -59,7 +59,7 @@ def strip_feedback(graph: fx.Graph) -> fx.Graph:
                 g.erase_node(node)
                 continue
         if new is not None:
-            feedback_nodes.append(node.args[3])
+            feedback_nodes.append(node.args[2] if t is ops.fa_matmul.default else node.args[3])
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             g.erase_node(node)

@@ -12,8 +12,9 @@ from .module import SALModule, feedback_matrices
 from .pipeline import plan, transform
 from .archive import load, save
 from .routing import reset_routing_stats, routing_stats
+from .onnx_export import export_onnx
 from . import distributed, metrics
 
 __version__ = "0.1.0"
 __all__ = ["SALConfig", "SALModule", "SalcompileError", "transform", "plan", "feedback_matrices",
-           "compile", "metrics", "save", "load", "routing_stats", "reset_routing_stats", "distributed", "__version__"]
+           "compile", "metrics", "save", "load", "routing_stats", "reset_routing_stats", "distributed", "export_onnx", "__version__"]

@@ -59,3 +59,11 @@ def test_backprop_reference_shares_parameters():
     ref = salcompile.metrics.backprop_reference(sal)
     assert ref.get_parameter("layers.0.weight") is sal.get_parameter("layers.0.weight")
     assert not any("salcompile" in str(n.target) for n in ref.graph.nodes)
+
+
+def test_gradient_alignment_with_weight_matmul_layers():
+    from conftest import Functional
+    x = torch.randn(4, 5)
+    sal = dense_transform(Functional(), (x,), feedback_init="weights", feedback_scale="none")
+    angles = salcompile.metrics.gradient_alignment(sal, lambda o: o.square().sum(), x)
+    assert angles and all(a < 1e-3 for a in angles.values()), angles

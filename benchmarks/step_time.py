@@ -1,0 +1,492 @@
+"""One SGD training step (forward, backward, optimizer step) of a deep ReLU MLP under every mode.
+
+    python benchmarks/step_time.py [--device cpu|cuda] [--rows N] [--quick] [--rounds R]
+    python benchmarks/step_time.py --billion [--rows N] [--steps 50]      # CUDA, bf16, 1.68 B SAL
+
+Model `din -> L x D -> dout` (salcompile.models.DeepMLP, ReLU, cross-entropy on random labels):
+  CPU : 4096 rows, 256 -> 5 x 1024 -> 256, fp32;
+  CUDA: 16384 rows, 1024 -> 7 x 4096 -> 1024, bf16 (model and data).
+Variants: dense BP eager (the original nn.Module), dense BP torch.compile, FA (transform areas=1),
+FA compiled (salcompile.compile), SAL partition K=16 (FA), SAL replicate K=16 (FA), SAL partition
+K=16 compiled. Each variant is built, warmed up and then timed in interleaved rounds (every round
+runs every variant once per step-slot) so drift on a shared machine hits all alike; a variant that
+fails to build or run becomes a row with its error. Peak memory:
+  CUDA: torch.cuda.max_memory_allocated over the warm-up + timed steps;
+  CPU : bytes of parameters and buffers + the peak of live allocations during one step, from the
+        torch profiler's allocator events (profile_memory=True; tracemalloc cannot see torch).
+Also times salcompile.transform on a ResNet-50-sized graph (built here: 16 bottlenecks, 53 convs,
+batch norm; torchvision is not a dependency) and profiles the SAL partition step (top ops).
+Writes benchmarks/results/step_time_<device>.md (or --out).
+
+--billion: salcompile.models.build("replicate-1b") with REGISTRY["replicate-1b"].sal in bf16 on
+CUDA, `--steps` SGD steps on a synthetic learnable task (labels = argmax of a fixed random
+projection of x), beside the same model with areas=1 (same active size); prints loss and median
+step time and writes step_time_billion.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import salcompile
+from salcompile.models import DeepMLP
+
+TARGETS_CPU = {  # the issue's targets, ratio of median step time to dense BP eager (memory: peak)
+    "FA (areas=1)": "<= 1.05x",
+    "SAL partition K=16": "<= 0.025x time, <= 0.5x peak memory",
+    "SAL replicate K=16": "<= 1.3x",
+}
+TARGETS_CUDA = {
+    "FA (areas=1)": "<= 1.02x",
+    "SAL partition K=16": "<= 0.06x",
+    "SAL replicate K=16": "<= 1.10x",
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _short(exc: BaseException) -> str:
+    msg = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
+    return msg[:300] + ("..." if len(msg) > 300 else "")
+
+
+class Runner:
+    """One variant: module, SGD optimizer, step timing."""
+
+    def __init__(self, label, module, x, y, lr=1e-3):
+        self.label, self.module, self.x, self.y = label, module, x, y
+        self.opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=lr)
+        self.times = []
+        self.error = None
+        self.first_step_s = None
+        self.peak = None
+        self.peak_how = ""
+
+    def step(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.module(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def timed_step(self, device):
+        _sync(device)
+        t0 = time.perf_counter()
+        self.step()
+        _sync(device)
+        return time.perf_counter() - t0
+
+
+def count_params(module) -> int:
+    seen, n = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def state_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def cpu_step_peak(runner: Runner) -> int:
+    """Peak bytes live during one step above the level at its start, from allocator events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nb in events:
+        live += nb
+        peak = max(peak, live)
+    return peak
+
+
+def profile_top(runner: Runner, device, rows=12) -> str:
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    runner.step()
+    _sync(device)
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            runner.step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
+# ---------------------------------------------------------------- ResNet-50-sized graph
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, mid, stride):
+        super().__init__()
+        cout = mid * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        h = self.bn3(self.conv3(h))
+        return F.relu(h + (x if self.down is None else self.down(x)))
+
+
+class ResNet50Like(nn.Module):
+    """ResNet-50 layout: stem conv 7x7/2 + maxpool, stages [3, 4, 6, 3] of bottlenecks (mid widths
+    64/128/256/512, out 256..2048), global pool, fc. 53 convs, 53 BN, 25.6 M params (1000 classes)."""
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        blocks, cin = [], 64
+        for mid, n, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for i in range(n):
+                blocks.append(Bottleneck(cin, mid, stride if i == 0 else 1))
+                cin = mid * 4
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+def transform_timing(lines_out: list, image=64):
+    model = ResNet50Like()
+    n_conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    n_block = sum(isinstance(m, Bottleneck) for m in model.modules())
+    x = torch.randn(2, 3, image, image)
+    rows = []
+    t0 = time.perf_counter()
+    try:
+        torch.export.export(copy.deepcopy(model), (x,), strict=False)
+        rows.append(("torch.export.export alone (capture, for reference)", time.perf_counter() - t0, ""))
+    except Exception as exc:  # noqa: BLE001
+        rows.append(("torch.export.export alone", None, _short(exc)))
+    for label, kw in (("salcompile.transform(model, (x,), areas=1)", dict(areas=1)),
+                      ("salcompile.transform(model, (x,), areas=16)", dict(areas=16)),
+                      ("salcompile.transform(model, areas=1) (symbolic_trace, no example)",
+                       dict(areas=1, _noex=True))):
+        noex = kw.pop("_noex", False)
+        t0 = time.perf_counter()
+        try:
+            sal = salcompile.transform(model) if noex else salcompile.transform(model, (x,), **kw)
+            dt = time.perf_counter() - t0
+            plan = salcompile.plan(sal)
+            n_layers = len(getattr(plan, "layers", []) or [])
+            rows.append((label, dt, f"{n_layers} layers rewritten" if n_layers else ""))
+        except Exception as exc:  # noqa: BLE001
+            rows.append((label, None, _short(exc)))
+    lines_out += [f"ResNet-50-sized graph: {n_block} bottleneck blocks, {n_conv} convs, "
+                  f"{sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())} batch norms, "
+                  f"{count_params(model):,} params; example input {tuple(x.shape)}. Target: < 2 s.", "",
+                  "| call | seconds | vs target < 2 s | note |", "|---|---|---|---|"]
+    for label, dt, note in rows:
+        ok = "" if dt is None else ("met" if dt < 2 else "missed")
+        lines_out.append(f"| {label} | {'failed' if dt is None else f'{dt:.2f}'} | {ok} | {note} |")
+    return rows
+
+
+# ---------------------------------------------------------------- main benchmark
+def build_variants(model, x, device, budget_end):
+    def fresh():
+        return copy.deepcopy(model)
+
+    specs = [
+        ("dense BP eager", lambda: fresh()),
+        ("dense BP compiled", lambda: torch.compile(fresh())),
+        ("FA (areas=1)", lambda: salcompile.transform(fresh(), (x,), feedback="fa", areas=1)),
+        ("FA compiled", lambda: salcompile.compile(
+            salcompile.transform(fresh(), (x,), feedback="fa", areas=1))),
+        ("SAL partition K=16", lambda: salcompile.transform(
+            fresh(), (x,), feedback="fa", areas=16, area_mode="partition")),
+        ("SAL replicate K=16", lambda: salcompile.transform(
+            fresh(), (x,), feedback="fa", areas=16, area_mode="replicate")),
+        ("SAL partition K=16 compiled", lambda: salcompile.compile(salcompile.transform(
+            fresh(), (x,), feedback="fa", areas=16, area_mode="partition"))),
+    ]
+    return specs
+
+
+def run_benchmark(args):
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("--device cuda but torch.cuda.is_available() is False")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if cuda:
+        din, width, hidden, dout, dtype, rows = 1024, 4096, 7, 1024, torch.bfloat16, 16384
+    else:
+        din, width, hidden, dout, dtype, rows = 256, 1024, 5, 256, torch.float32, 4096
+    if args.quick:
+        rows = 512 if not cuda else 4096
+    rows = args.rows or rows
+    rounds = args.rounds or (3 if args.quick else (10 if cuda else 12))
+    per_round = args.per_round or (3 if cuda else 1)
+    warmup = 2
+    start = time.perf_counter()
+    budget_end = start + args.budget if args.budget else None
+
+    model = DeepMLP(din, width, dout, depth=hidden + 1).to(device=device, dtype=dtype)
+    x = torch.randn(rows, din, device=device, dtype=dtype)
+    y = torch.randint(0, dout, (rows,), device=device)
+
+    runners, failed = [], []
+    for label, make in build_variants(model, x, device, budget_end):
+        if budget_end and time.perf_counter() > budget_end:
+            failed.append((label, "skipped: --budget exhausted before it was built"))
+            continue
+        t0 = time.perf_counter()
+        try:
+            module = make()
+            r = Runner(label, module, x, y)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            base_alloc = torch.cuda.memory_allocated(device) if cuda else 0
+            r.step()
+            _sync(device)
+            r.first_step_s = time.perf_counter() - t0
+            for _ in range(warmup - 1):
+                r.step()
+            _sync(device)
+            if cuda:
+                # includes everything allocated on the device by then (other variants' weights too):
+                # report the part above what was allocated before this variant was built.
+                r.peak = torch.cuda.max_memory_allocated(device) - base_alloc + state_bytes(module)
+                r.peak_how = "cuda max_memory_allocated"
+            else:
+                r.peak = state_bytes(module) + cpu_step_peak(r)
+                r.peak_how = "params+buffers + profiler step peak"
+            runners.append(r)
+            print(f"built {label}: first step (incl. transform/compile) {r.first_step_s:.1f} s", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"FAILED {label}: {_short(exc)}", flush=True)
+            traceback.print_exc()
+            failed.append((label, _short(exc)))
+            if cuda:
+                torch.cuda.empty_cache()
+
+    if cuda:  # the per-variant peak above, measured while earlier variants were resident
+        pass
+    for rnd in range(rounds):
+        if budget_end and time.perf_counter() > budget_end and rnd >= 1:
+            print(f"--budget exhausted after {rnd} rounds", flush=True)
+            break
+        for r in runners:
+            if r.error:
+                continue
+            try:
+                for _ in range(per_round):
+                    r.times.append(r.timed_step(device))
+            except Exception as exc:  # noqa: BLE001
+                r.error = _short(exc)
+                print(f"FAILED {r.label} while timing: {r.error}", flush=True)
+        print(f"round {rnd + 1}/{rounds} done ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    base = next((r for r in runners if r.label == "dense BP eager" and r.times), None)
+    base_ms = statistics.median(base.times) * 1e3 if base else None
+    base_peak = base.peak if base else None
+    targets = TARGETS_CUDA if cuda else TARGETS_CPU
+    dev_name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
+
+    cmd = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+    lines = [f"# Training step time: dense BP vs FA vs SAL ({args.device})", "",
+             f"- command: `{cmd}`",
+             f"- torch {torch.__version__}, Python {platform.python_version()}, device: {dev_name}, "
+             f"threads: {torch.get_num_threads()}",
+             f"- model: DeepMLP {din} -> {hidden} x {width} -> {dout}, ReLU, {str(dtype).replace('torch.', '')}, "
+             f"{rows} rows, cross-entropy, SGD lr 1e-3; one step = zero_grad + forward + backward + step",
+             f"- timing: {warmup} warm-up steps per variant, then {rounds} interleaved rounds x {per_round} "
+             f"step(s); median of all timed steps (and the fastest step, less sensitive to other load on a shared machine)" + (" (cuda.synchronize around each step)" if cuda else ""),
+             f"- peak memory: " + ("torch.cuda.max_memory_allocated during warm-up steps, minus what was "
+                                   "allocated before the variant was built, plus its own params/buffers"
+                                   if cuda else
+                                   "bytes of the variant's parameters + buffers, plus the peak of live bytes "
+                                   "allocated during one step from the torch profiler's allocator events "
+                                   "(profile_memory=True); process RSS is not used (it is monotonic and "
+                                   "shared with compile work)"),
+             "", "| variant | median ms/step | vs dense BP eager | min ms/step | min vs dense min | peak memory MiB | "
+                 "vs dense | params | first step s (incl. transform/compile) | target | n |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    results = {}
+    for r in runners:
+        if r.error or not r.times:
+            lines.append(f"| {r.label} | failed | | | | | | {count_params(r.module):,} | | "
+                         f"{targets.get(r.label, '')} | error: {r.error} |")
+            continue
+        ms = statistics.median(r.times) * 1e3
+        ratio = ms / base_ms if base_ms else float("nan")
+        mem = r.peak / 2**20 if r.peak is not None else float("nan")
+        mem_ratio = r.peak / base_peak if base_peak else float("nan")
+        results[r.label] = (ms, ratio, mem_ratio)
+        mn = min(r.times) * 1e3
+        mn_ratio = mn / (min(base.times) * 1e3) if base else float("nan")
+        lines.append(f"| {r.label} | {ms:.1f} | {ratio:.3f} | {mn:.1f} | {mn_ratio:.3f} | {mem:.0f} | {mem_ratio:.2f} | "
+                     f"{count_params(r.module):,} | {r.first_step_s:.1f} | {targets.get(r.label, '')} | "
+                     f"{len(r.times)} |")
+    for label, err in failed:
+        lines.append(f"| {label} | failed | | | | | | | | {targets.get(label, '')} | {err} |")
+
+    # Verdict against the targets.
+    lines += ["", "## Against the issue's targets", ""]
+    def verdict(label, key, limit, what="time"):
+        if label not in results:
+            return f"- {label}: no measurement (failed or skipped)"
+        val = results[label][1 if what == "time" else 2]
+        return f"- {label} {what}: {val:.3f}x dense BP eager, target <= {limit}x: {'met' if val <= limit else 'MISSED'}"
+    if cuda:
+        lines += [verdict("FA (areas=1)", 1, 1.02), verdict("SAL partition K=16", 1, 0.06),
+                  verdict("SAL replicate K=16", 1, 1.10)]
+    else:
+        lines += [verdict("FA (areas=1)", 1, 1.05), verdict("SAL partition K=16", 1, 0.025),
+                  verdict("SAL replicate K=16", 1, 1.3),
+                  verdict("SAL partition K=16", 2, 0.5, what="peak memory")]
+    if "SAL partition K=16 compiled" in results:
+        lines.append(verdict("SAL partition K=16 compiled", 1, 0.06 if cuda else 0.025)
+                     + " (compiled, against the partition target)")
+    print("\n".join(lines), flush=True)
+
+    # ResNet-50-sized transform time (CPU graph capture; skipped past the budget).
+    lines += ["", "## Transform time, ResNet-50-sized graph", ""]
+    if budget_end and time.perf_counter() > budget_end:
+        lines.append("skipped: --budget exhausted")
+    else:
+        try:
+            transform_timing(lines)
+        except Exception as exc:  # noqa: BLE001
+            lines.append(f"failed: {_short(exc)}")
+
+    # Where the time goes in the SAL partition step.
+    part = next((r for r in runners if r.label == "SAL partition K=16" and not r.error), None)
+    lines += ["", "## Where the time goes: SAL partition K=16 step (torch.profiler, 2 steps, top ops by self "
+              + ("CUDA" if cuda else "CPU") + " time)", ""]
+    if part is None:
+        lines.append("no SAL partition variant ran")
+    elif budget_end and time.perf_counter() > budget_end:
+        lines.append("skipped: --budget exhausted")
+    else:
+        try:
+            lines += ["```", profile_top(part, device).rstrip(), "```"]
+        except Exception as exc:  # noqa: BLE001
+            lines.append(f"profiler failed: {_short(exc)}")
+    lines += ["", f"Total benchmark wall time: {time.perf_counter() - start:.0f} s."]
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"step_time_{args.device}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(text[text.index("## Transform time"):])
+    print(f"wrote {out}")
+
+
+# ---------------------------------------------------------------- --billion
+def run_billion(args):
+    from salcompile.models import REGISTRY, build
+    if not torch.cuda.is_available():
+        sys.exit("--billion needs CUDA")
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    entry = REGISTRY["replicate-1b"]
+    rows, steps = args.rows or 16384, args.steps
+    din = entry.input_shape[0]
+    x = torch.randn(rows, din, device=device, dtype=torch.bfloat16)
+    proj = torch.randn(din, 1024, device=device, dtype=torch.bfloat16)
+    y = (x @ proj).argmax(1)  # a learnable synthetic task: 1024 classes
+    lines = ["# replicate-1b: SAL replicate K=16 (>= 1 B params) vs the same model with areas=1, bf16 CUDA", "",
+             f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+             f"- torch {torch.__version__}, device {torch.cuda.get_device_name(device)}, {rows} rows, "
+             f"{steps} SGD steps (lr {args.lr}), labels = argmax(x @ fixed random 1024x1024)",
+             f"- REGISTRY['replicate-1b'].sal = {entry.sal}", "",
+             "| variant | params | loss step 1 | loss last | median ms/step | peak GiB | transform s | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, sal_kw in (("dense, FA, areas=1 (same active size)", dict(areas=1)),
+                          ("SAL replicate K=16, FA", dict(entry.sal))):
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            with torch.device(device):
+                model = build("replicate-1b")
+            model = model.to(torch.bfloat16)
+            t0 = time.perf_counter()
+            sal = salcompile.transform(model, (x[:8],), **sal_kw)
+            del model
+            sal = sal.to(device)
+            t_tr = time.perf_counter() - t0
+            n = count_params(sal)
+            opt = torch.optim.SGD(sal.parameters(), lr=args.lr)
+            losses, times = [], []
+            for i in range(steps):
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(sal(x), y)
+                loss.backward()
+                opt.step()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t1)
+                losses.append(loss.item())
+                if i % 10 == 0 or i == steps - 1:
+                    print(f"{label} step {i + 1}: loss {losses[-1]:.4f} ({times[-1] * 1e3:.1f} ms)", flush=True)
+            med = statistics.median(times[3:] if len(times) > 5 else times) * 1e3
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            lines.append(f"| {label} | {n:,} | {losses[0]:.4f} | {losses[-1]:.4f} | {med:.1f} | {peak:.1f} | "
+                         f"{t_tr:.1f} | |")
+            del sal, opt
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            lines.append(f"| {label} | | | | failed | | | {_short(exc)} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / "step_time_billion.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--rows", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="fewer rows and rounds (smoke test)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    ap.add_argument("--per-round", type=int, default=None, help="timed steps per variant per round")
+    ap.add_argument("--threads", type=int, default=2 if not torch.cuda.is_available() else 8)
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: variants/rounds/extras not started past this are reported as skipped")
+    ap.add_argument("--out", default=None, help="results markdown path")
+    ap.add_argument("--billion", action="store_true", help="the >= 1 B parameter replicate run (CUDA)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=0.05)
+    args = ap.parse_args()
+    if args.billion:
+        run_billion(args)
+    else:
+        run_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
