@@ -123,12 +123,17 @@ def profile_top(runner: Runner, device, rows=12) -> str:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     runner.step()
     _sync(device)
+    t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         for _ in range(2):
             runner.step()
         _sync(device)
+    wall = (time.perf_counter() - t0) / 2 * 1e3
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    return (f"profiled wall time {wall:.1f} ms/step (timed median without the profiler: "
+            f"{statistics.median(runner.times) * 1e3:.1f} ms; a large gap means other load on the "
+            f"machine during profiling)\n"
+            + prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
 # ---------------------------------------------------------------- ResNet-50-sized graph
