@@ -136,6 +136,25 @@ def test_conv_empty_area_and_single_area(case, pattern):
     _both(ops.area_conv, area_conv_reference, *_conv_args(*case, "fa_match", pattern))
 
 
+# Every area gets rows: the fast backward then writes each weight block exactly once (no
+# zero fill when the blocks cover the weight). x non-contiguous: the block gather reshapes.
+@pytest.mark.parametrize("fb", ["bp", "fa_match"])
+@pytest.mark.parametrize("case", [LINEAR[0], LINEAR[1], LINEAR[5], LINEAR[7]])
+def test_linear_every_area_has_rows(case, fb):
+    x, area, w, b, feedback, k, mode, input_block, match = _linear_args(*case, fb)
+    area = torch.arange(area.numel()).reshape(area.shape) % k
+    xt = torch.randn(x.shape[::-1], dtype=D).t().requires_grad_()
+    _both(ops.area_linear, area_linear_reference, xt, area, w, b, feedback, k, mode,
+          input_block, match)
+
+
+@pytest.mark.parametrize("case", [CONVS[0], CONVS[5], CONVS[7], CONVS[9]])
+def test_conv_every_area_has_rows(case):
+    args = list(_conv_args(*case, "fa_match"))
+    args[1] = torch.arange(args[1].numel()) % case[7]
+    _both(ops.area_conv, area_conv_reference, *args)
+
+
 # ---------------------------------------------------------------- oracles
 @pytest.mark.parametrize("fn", [ops.area_linear, area_linear_reference])
 def test_linear_one_area_is_f_linear(fn):

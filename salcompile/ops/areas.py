@@ -117,7 +117,9 @@ def _row_areas(x: Tensor, area: Tensor, row_dims: int) -> Tensor:
 
 
 def _sort_rows(rows: Tensor, areas: int):
-    """(stable order of rows by area, [(k, slice of area k's sorted rows)] for non-empty areas)."""
+    """(stable order of rows by area, [(k, slice of area k's sorted rows)] for non-empty areas,
+    flat: order * areas + area of each sorted row, the row of a [R * areas, block] view that holds
+    sorted row j's block)."""
     order = torch.argsort(rows, stable=True)
     counts = torch.bincount(rows, minlength=areas).tolist()   # host sync: fine in an opaque op
     if len(counts) > areas or (rows.numel() and int(rows.min()) < 0):
@@ -127,11 +129,32 @@ def _sort_rows(rows: Tensor, areas: int):
         if c:
             spans.append((k, slice(start, start + c)))
         start += c
-    return order, spans
+    return order, spans, order * areas + rows.index_select(0, order)
 
 
-def _unsort(sorted_rows: Tensor, order: Tensor) -> Tensor:
-    return torch.empty_like(sorted_rows).index_copy_(0, order, sorted_rows)
+def _gather(t: Tensor, order: Tensor, flat: Tensor, areas: int, blocked: bool) -> Tensor:
+    """t's rows in sorted order: whole rows, or (blocked: t's features split into `areas` blocks)
+    only each row's own area block, compact: [R, features / areas, ...]."""
+    if not blocked:
+        return t.index_select(0, order)
+    rows = t.shape[0]
+    return t.reshape(rows * areas, -1).index_select(0, flat).reshape(
+        (rows, t.shape[1] // areas) + t.shape[2:])
+
+
+def _scatter(ts: Tensor, order: Tensor, flat: Tensor, areas: int, blocked: bool) -> Tensor:
+    """Inverse of _gather: original row order; blocked: full width, zero outside the blocks."""
+    if not blocked:
+        return torch.empty_like(ts).index_copy_(0, order, ts)
+    rows = ts.shape[0]
+    out = ts.new_zeros((rows, ts.shape[1] * areas) + ts.shape[2:])
+    out.view(rows * areas, -1).index_copy_(0, flat, ts.reshape(rows, -1))
+    return out
+
+
+def _blocked(blocks: List[_Block]):
+    """(input read by blocks of columns, output written by blocks of columns)."""
+    return blocks[0].x_in != slice(None), blocks[0].out != slice(None)
 
 
 def _scale(weight_blk: Tensor, feedback_blk: Tensor, match_norm: bool):
@@ -148,19 +171,20 @@ def _anchor_term(anchor: Tensor) -> Tensor:
 # ---------------------------------------------------------------- shared fast forward / backward
 def _fast_forward(x2, rows, weight, bias, blocks, n_out, areas, layer):
     """x2: [R, Fin, ...] rows; layer(x, w, b, groups) is the dense layer on compact rows."""
-    order, spans = _sort_rows(rows, areas)
-    xs = x2.index_select(0, order)
+    order, spans, flat = _sort_rows(rows, areas)
+    in_blk, out_blk = _blocked(blocks)
+    xs = _gather(x2, order, flat, areas, in_blk)
     ys = None
     for k, r in spans:
         blk = blocks[k]
-        y = layer(xs[r, blk.x_in], weight[blk.w], None if bias is None else bias[blk.b],
-                  blk.groups)
+        y = layer(xs[r] if in_blk else xs[r, blk.x_in], weight[blk.w],
+                  None if bias is None else bias[blk.b], blk.groups)
         if ys is None:
-            ys = y.new_zeros((x2.shape[0], n_out) + y.shape[2:])
-        ys[r, blk.out] = y
+            ys = y.new_empty((x2.shape[0],) + y.shape[1:])
+        ys[r] = y
     if ys is None:   # no rows at all
         return None
-    return _unsort(ys, order)
+    return _scatter(ys, order, flat, areas, out_blk)
 
 
 def _fast_backward(grad2, x2, rows, weight, feedback, bias_shape, blocks, areas, match_norm,
@@ -168,25 +192,33 @@ def _fast_backward(grad2, x2, rows, weight, feedback, bias_shape, blocks, areas,
     """layer_backward(g, x, w_or_b, groups, need_x, need_w, need_b) -> (gx, gw, gb) on compact
     rows, with gx computed from the operand it is given (W for BP, B for FA). need_b implies a
     bias of bias_shape."""
-    order, spans = _sort_rows(rows, areas)
-    gs, xs = grad2.index_select(0, order), x2.index_select(0, order)
-    gxs = torch.zeros_like(x2) if need_x else None
-    gw = torch.zeros_like(weight) if need_w else None
+    order, spans, flat = _sort_rows(rows, areas)
+    in_blk, out_blk = _blocked(blocks)
+    gs = _gather(grad2, order, flat, areas, out_blk)
+    xs = _gather(x2, order, flat, areas, in_blk)
+    gxs = torch.empty_like(xs) if need_x else None
+    # Every weight block is written once; zeros only where some part is never written.
+    full_cover = len(spans) == areas and not (in_blk and out_blk)
+    gw = (torch.empty_like(weight) if full_cover else torch.zeros_like(weight)) if need_w else None
     gb = weight.new_zeros(bias_shape) if need_b else None
     for k, r in spans:
         blk = blocks[k]
         w = weight[blk.w]
         b = w if feedback is None else feedback[blk.w]
-        gx_k, gw_k, gb_k = layer_backward(gs[r, blk.out].contiguous(), xs[r, blk.x_in], b,
-                                          blk.groups, need_x, need_w, need_b)
+        gx_k, gw_k, gb_k = layer_backward(gs[r].contiguous(), xs[r] if in_blk else xs[r, blk.x_in],
+                                          b, blk.groups, need_x, need_w, need_b)
         if need_x:
-            gxs[r, blk.x_in] = gx_k if feedback is None else gx_k * _scale(w, b, match_norm)
+            gx_k = gx_k if feedback is None else gx_k * _scale(w, b, match_norm)
+            if in_blk:
+                gxs[r] = gx_k
+            else:
+                gxs[r, blk.x_in] = gx_k
         if need_w:
-            gw[blk.w] += gw_k
+            gw[blk.w] = gw_k     # the blocks of distinct areas never overlap
         if need_b:
             gb[blk.b] += gb_k    # += : in dense mode every area shares the whole bias
     # Outputs that are not needed: distinct empty tensors (custom op outputs may not alias).
-    return (_unsort(gxs, order) if need_x else x2.new_empty(0),
+    return (_scatter(gxs, order, flat, areas, in_blk) if need_x else x2.new_empty(0),
             gw if need_w else weight.new_empty(0),
             gb if need_b else weight.new_empty(0))
 
