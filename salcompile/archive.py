@@ -42,5 +42,27 @@ def save(module, example_inputs: Tuple[Any, ...], path, force: bool = False) -> 
 
 
 def load(path) -> torch.nn.Module:
-    """Load an archive written by `save`/`convert` as a trainable module (train mode)."""
-    return module_from_export(load_export(path))
+    """Load an archive written by `save`/`convert` as a trainable module (train mode).
+
+    Archives salcompile wrote carry their plan: they come back as a SALModule, so `plan()`,
+    `routing_stats`, `feedback_matrices` and `export_onnx` work on them. Other archives come back
+    as a plain GraphModule.
+    """
+    from .config import SALConfig
+    from .module import SALModule
+    from .plan import Plan
+    extra = {PLAN_FILE: ""}
+    gm = module_from_export(load_export(path, extra_files=extra))
+    if not extra[PLAN_FILE]:
+        return gm
+    plan = Plan.from_json(extra[PLAN_FILE])
+    fields = dict(plan.config)
+    if not isinstance(fields.get("gate_layers"), (list, type(None))):
+        fields["gate_layers"] = None  # a predicate was saved as its repr: not restorable
+    try:
+        config = SALConfig(**fields)
+    except (SalcompileError, TypeError):
+        return gm  # written by another salcompile version: keep the module, drop the metadata
+    sal = SALModule(gm, gm.graph, plan, config)
+    sal.train()
+    return sal

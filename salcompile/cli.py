@@ -42,6 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     source_args(i)
     config_args(i)
 
+    e = sub.add_parser("export", help="export a converted archive (.pt2 from convert/save) to "
+                                      "another runtime")
+    e.add_argument("input", help="an archive written by `convert` or salcompile.save")
+    e.add_argument("--to", choices=["onnx"], default="onnx",
+                   help="onnx: an inference graph for onnxruntime (gates and areas included)")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    e.add_argument("--input-shape", help="example input shape without the batch dimension "
+                                         "(default: the archive's own example input)")
+    e.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+
     t = sub.add_parser("train", help="train a zoo model on a dataset with SAL/FA/DFA/BP",
                        description="Train a zoo model on an offline dataset, one run per seed. "
                                    "Example: python -m salcompile train --model mlp --data digits "
@@ -178,6 +189,31 @@ def _inspect(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .archive import load
+    from .module import SALModule
+    from .onnx_export import export_onnx
+    files.check_output(args.output, args.force)
+    if files.detect_format(args.input) != files.EXPORT:
+        raise SalcompileError(f"{args.input} is not a torch.export archive; run `python -m "
+                              "salcompile convert` on it first.")
+    sal = load(args.input)
+    if not isinstance(sal, SALModule):
+        raise SalcompileError(f"{args.input} was not written by salcompile (no plan inside); "
+                              "convert the model first: python -m salcompile convert ...")
+    shape = _shape(args.input_shape)
+    if shape is not None:
+        example = (torch.randn(2, *shape),)
+    else:
+        ep = files.load_export(args.input)
+        if not ep.example_inputs:
+            raise SalcompileError(f"{args.input} carries no example inputs; pass --input-shape.")
+        example = tuple(ep.example_inputs[0])
+    export_onnx(sal, example, args.output, opset=args.opset, force=args.force)
+    print(f"wrote {args.output}  (onnxruntime.InferenceSession({str(args.output)!r}))")
+    return 0
+
+
 def _train(args) -> int:
     from .experiment import run_experiment
     recipe = Recipe(optimizer=args.optimizer, lr=args.lr, batch=args.batch, epochs=args.epochs,
@@ -196,7 +232,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return {"convert": _convert, "inspect": _inspect, "train": _train}[args.command](args)
+            return {"convert": _convert, "inspect": _inspect, "train": _train,
+                    "export": _export}[args.command](args)
     except SalcompileError as exc:
         print(f"salcompile: error: {exc}", file=sys.stderr)
         return 2

@@ -191,3 +191,24 @@ def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "salcompile", "convert", "--help"],
                        capture_output=True, text=True, check=True)
     assert "--trust-pickle" in r.stdout and "runs code" in r.stdout.replace("\n", " ")
+
+
+def test_cli_export_to_onnx_matches_the_archive(files, capsys):
+    import onnxruntime as ort
+    sal_path, onnx_path = files / "sal.pt2", files / "m.onnx"
+    assert _run("convert", files / "model.pt2", "-o", sal_path, "--areas", "4") == 0
+    loaded = salcompile.load(sal_path)
+    assert isinstance(loaded, salcompile.SALModule)  # the plan travels in the archive
+    assert salcompile.plan(loaded).regions[0]["gate"] == "gate_0"
+    assert _run("export", sal_path, "--to", "onnx", "-o", onnx_path) == 0
+    x = torch.randn(5, 64)
+    session = ort.InferenceSession(str(onnx_path))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    loaded.eval()
+    torch.testing.assert_close(torch.from_numpy(got), loaded(x).detach(), rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert _run("export", sal_path, "-o", onnx_path) == 2  # exists
+    assert "--force" in capsys.readouterr().err
+    assert _run("export", files / "model.pt2", "-o", files / "plain.onnx") == 2
+    assert "convert the model first" in capsys.readouterr().err
+    assert not (files / "plain.onnx").exists()
