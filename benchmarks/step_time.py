@@ -326,7 +326,7 @@ def run_benchmark(args):
              f"{rows} rows, cross-entropy, SGD lr 1e-3; one step = zero_grad + forward + backward + step",
              f"- timing: {warmup} warm-up steps per variant, then {rounds} interleaved rounds x {per_round} "
              f"step(s); median of all timed steps (and the fastest step, less sensitive to other load on a shared machine)" + (" (cuda.synchronize around each step)" if cuda else ""),
-             f"- peak memory: " + ("torch.cuda.max_memory_allocated during warm-up steps, minus what was "
+             "- peak memory: " + ("torch.cuda.max_memory_allocated during warm-up steps, minus what was "
                                    "allocated before the variant was built, plus its own params/buffers"
                                    if cuda else
                                    "bytes of the variant's parameters + buffers, plus the peak of live bytes "
