@@ -87,6 +87,7 @@ def _worker(rank, store, out):
             torch.save(results, out)
     finally:
         sdist.sync_gates()
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it
         dist.destroy_process_group()
 
 
@@ -158,6 +159,7 @@ def world_of_one(tmp_path):
         yield
     finally:
         sdist.sync_gates()
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it
         dist.destroy_process_group()
 
 
