@@ -13,8 +13,10 @@ from .pipeline import plan, transform
 from .archive import load, save
 from .routing import reset_routing_stats, routing_stats
 from .onnx_export import export_onnx
+from .ort_training import export_ort_training
 from . import distributed, metrics
 
 __version__ = "0.1.0"
 __all__ = ["SALConfig", "SALModule", "SalcompileError", "transform", "plan", "feedback_matrices",
-           "compile", "metrics", "save", "load", "routing_stats", "reset_routing_stats", "distributed", "export_onnx", "__version__"]
+           "compile", "metrics", "save", "load", "routing_stats", "reset_routing_stats", "distributed", "export_onnx", "export_ort_training",
+           "__version__"]
