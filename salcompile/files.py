@@ -144,7 +144,7 @@ def check_output_dir(path) -> Path:
     """A directory results can be written into: created if missing, refused if not writable."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise SalcompileError(f"--out {p} exists and is not a directory.")
+        raise SalcompileError(f"{p} exists and is not a directory.")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -23,6 +23,7 @@ import copy
 import logging
 import operator
 import warnings
+from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import torch
@@ -194,6 +195,14 @@ def _dynamic_shapes(example_inputs, dynamic_batch: bool):
     return batch_dynamic(tuple(example_inputs))
 
 
+def exporter_error(who: str, exc: Exception) -> SalcompileError:
+    """The exporter's own error, cut to its telling line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    why = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
+    return SalcompileError(f"{who}: the ONNX exporter failed ({type(exc).__name__}: "
+                           f"{(why or lines or [''])[-1]}).")
+
+
 def export_onnx(module, example_inputs: Tuple[Any, ...], path, dynamic_batch: bool = True,
                 opset: Optional[int] = None, force: bool = False) -> None:
     """Write the eval-mode forward of a transformed module to `path` as an ONNX model.
@@ -236,10 +245,7 @@ def export_onnx(module, example_inputs: Tuple[Any, ...], path, dynamic_batch: bo
     except SalcompileError:
         raise
     except Exception as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        why = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
-        raise SalcompileError(f"export_onnx: the ONNX exporter failed ({type(exc).__name__}: "
-                              f"{(why or lines or [''])[-1]}).") from exc
+        raise exporter_error("export_onnx", exc) from exc
     import onnx
     try:
         onnx.checker.check_model(proto)
@@ -247,7 +253,7 @@ def export_onnx(module, example_inputs: Tuple[Any, ...], path, dynamic_batch: bo
         raise SalcompileError(f"export_onnx: the exported model fails onnx.checker: {exc}") \
             from exc
     data = proto.SerializeToString()
-    atomic_write(out, lambda tmp: open(tmp, "wb").write(data))
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
 
 
 __all__ = ["export_onnx", "inference_graph"]

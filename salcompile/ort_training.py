@@ -28,7 +28,9 @@ import torch
 
 from .errors import SalcompileError
 from .module import require_sal
-from .onnx_export import _dynamic_shapes, _first_line, _require_onnx, inference_graph
+from .files import check_output_dir
+from .onnx_export import (_dynamic_shapes, _first_line, _require_onnx, exporter_error,
+                          inference_graph)
 
 ARTIFACTS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 OPSET = 20          # loaded by onnxruntime-training 1.19.2 (supports opsets up to 21)
@@ -104,10 +106,7 @@ def _export_forward(sal, example_inputs: Tuple[Any, ...], dynamic_batch: bool):
                                         opset_version=OPSET, verbose=False, report=False)
         return program.model_proto
     except Exception as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        why = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
-        raise SalcompileError(f"export_ort_training: the ONNX exporter failed "
-                              f"({type(exc).__name__}: {(why or lines or [''])[-1]}).") from exc
+        raise exporter_error("export_ort_training", exc) from exc
     finally:
         onnx_log.setLevel(level)
 
@@ -253,15 +252,7 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir, loss: 
     _check_supported(sal, loss, optimizer, sal.sal_plan.config.get("feedback_scale"))
     _require_onnx()
     artifacts = _require_ort_training()
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise SalcompileError(f"{out} exists and is not a directory.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SalcompileError(f"cannot create output directory {out}: {exc.strerror}.") from exc
-    if not os.access(out, os.W_OK):
-        raise SalcompileError(f"cannot write into {out}: not writable.")
+    out = check_output_dir(out_dir)
     present = [f for f in ARTIFACTS if (out / f).exists()]
     if present and not force:
         raise SalcompileError(f"{out} already holds {', '.join(present)}; pass force=True "
