@@ -9,6 +9,7 @@ from .capture import batch_dynamic
 from .errors import SalcompileError
 from .files import PLAN_FILE, atomic_write, check_output, load_export, module_from_export
 from .module import require_sal
+from .routing import routing_counts_kept
 
 
 def save(module, example_inputs: Tuple[Any, ...], path, force: bool = False) -> None:
@@ -21,24 +22,21 @@ def save(module, example_inputs: Tuple[Any, ...], path, force: bool = False) -> 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     was = sal.training
-    counts = {n: b.clone() for n, b in sal.named_buffers() if n.endswith(".counts")}
-    for n in counts:  # the archive starts with fresh routing statistics
-        sal.get_buffer(n).zero_()
     sal.train()
+    # The archive starts with fresh routing statistics; it holds these very tensors, so it is
+    # written inside the block, while they read 0.
     try:
-        try:
-            ep = torch.export.export(sal, tuple(example_inputs), strict=False,
-                                     dynamic_shapes=batch_dynamic(tuple(example_inputs)))
-        except Exception as exc:
-            raise SalcompileError(f"could not export the transformed module: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-        # Written while the counts are zero: the archive holds these very tensors.
-        atomic_write(out, lambda tmp: torch.export.save(
-            ep, tmp, extra_files={PLAN_FILE: sal.sal_plan.to_json()}))
+        with routing_counts_kept(sal, zero=True):
+            try:
+                ep = torch.export.export(sal, tuple(example_inputs), strict=False,
+                                         dynamic_shapes=batch_dynamic(tuple(example_inputs)))
+            except Exception as exc:
+                raise SalcompileError(f"could not export the transformed module: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+            atomic_write(out, lambda tmp: torch.export.save(
+                ep, tmp, extra_files={PLAN_FILE: sal.sal_plan.to_json()}))
     finally:
         sal.train(was)
-        for n, value in counts.items():
-            sal.get_buffer(n).copy_(value)
 
 
 def load(path) -> torch.nn.Module:

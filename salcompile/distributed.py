@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .ops import gate as _gate
 from .routing import reset_routing_stats as _reset_local
+from .routing import routing_counts_kept, unwrap
 from .routing import routing_stats as _local_stats
 
 __all__ = ["sync_gates", "data_parallel", "ignore_routing_counts", "routing_stats",
@@ -40,17 +41,6 @@ def sync_gates(enabled: bool = True, group: Optional["dist.ProcessGroup"] = None
     over. Pass the group you gave DDP's `process_group=`, or `enabled=False` when the processes
     train independent models (each gate then uses its own batch only, as with one process)."""
     _gate._SYNC.update(enabled=bool(enabled), group=group)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The transformed module inside torch.compile and DistributedDataParallel wrappers."""
-    while True:
-        if isinstance(module, DistributedDataParallel):
-            module = module.module
-        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod
-        else:
-            return module
 
 
 def _count_names(module: nn.Module) -> List[str]:
@@ -113,18 +103,12 @@ def routing_stats(module: nn.Module, group: Optional["dist.ProcessGroup"] = None
     bufs = [b for n, b in target.named_buffers() if n in set(_count_names(target))]
     if not bufs:
         return {}
-    local = [b.detach().clone() for b in bufs]
-    total = torch.cat([b.reshape(-1) for b in local])
+    total = torch.cat([b.detach().reshape(-1) for b in bufs])
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    try:
-        with torch.no_grad():
-            for b, t in zip(bufs, total.split([b.numel() for b in bufs])):
-                b.copy_(t.view_as(b))
+    with torch.no_grad(), routing_counts_kept(target):
+        for b, t in zip(bufs, total.split([b.numel() for b in bufs])):
+            b.copy_(t.view_as(b))
         return _local_stats(target)
-    finally:
-        with torch.no_grad():
-            for b, saved in zip(bufs, local):
-                b.copy_(saved)
 
 
 def reset_routing_stats(module: nn.Module) -> None:

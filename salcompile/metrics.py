@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from .module import require_sal
+from .routing import routing_counts_kept
 
 
 def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,12 +56,10 @@ def gradient_alignment(module, loss_fn: Callable, *inputs) -> Dict[str, float]:
     """
     sal = require_sal(module)
     names = sorted({l.weight for l in sal.sal_plan.layers})
-    counts = {n: b.clone() for n, b in sal.named_buffers() if n.endswith(".counts")}
-    state = torch.random.get_rng_state()
-    sal_grads = _grads(sal, loss_fn, inputs, names)
-    torch.random.set_rng_state(state)
-    bp_grads = _grads(backprop_reference(sal), loss_fn, inputs, names)
-    for n, v in counts.items():  # a measurement: leave the routing statistics as they were
-        sal.get_buffer(n).copy_(v)
+    with routing_counts_kept(sal):  # a measurement: leave the routing statistics as they were
+        state = torch.random.get_rng_state()
+        sal_grads = _grads(sal, loss_fn, inputs, names)
+        torch.random.set_rng_state(state)
+        bp_grads = _grads(backprop_reference(sal), loss_fn, inputs, names)
     return {n: angle_degrees(sal_grads[n], bp_grads[n]) if sal_grads[n] is not None
             and bp_grads[n] is not None else float("nan") for n in names}

@@ -203,6 +203,34 @@ def exporter_error(who: str, exc: Exception) -> SalcompileError:
                            f"{(why or lines or [''])[-1]}).")
 
 
+def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic_batch: bool, who: str,
+                 opset: Optional[int] = None):
+    """(ONNX ModelProto, the eager output) of an inference graph: a trial run first (clear errors
+    for wrong inputs), then the dynamo exporter with parameter names kept, its logs quieted."""
+    try:
+        with torch.no_grad():
+            out = gm(*example_inputs)
+    except Exception as exc:
+        raise SalcompileError(f"{who}: the module does not run on example_inputs "
+                              f"({type(exc).__name__}: {_first_line(exc)}).") from exc
+    kw = {} if opset is None else {"opset_version": int(opset)}
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)   # "torchvision is not installed" notices
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(gm, example_inputs, dynamo=True, optimize=False,
+                                        dynamic_shapes=_dynamic_shapes(example_inputs,
+                                                                       dynamic_batch),
+                                        verbose=False, report=False, **kw)
+        return program.model_proto, out
+    except Exception as exc:
+        raise exporter_error(who, exc) from exc
+    finally:
+        onnx_log.setLevel(level)
+
+
 def export_onnx(module, example_inputs: Tuple[Any, ...], path, dynamic_batch: bool = True,
                 opset: Optional[int] = None, force: bool = False) -> None:
     """Write the eval-mode forward of a transformed module to `path` as an ONNX model.
@@ -220,32 +248,8 @@ def export_onnx(module, example_inputs: Tuple[Any, ...], path, dynamic_batch: bo
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    gm = inference_graph(sal)
-    try:
-        with torch.no_grad():
-            gm(*example_inputs)
-    except Exception as exc:
-        raise SalcompileError(f"export_onnx: the module does not run on example_inputs "
-                              f"({type(exc).__name__}: {_first_line(exc)}).") from exc
-    kw = {} if opset is None else {"opset_version": int(opset)}
-    try:
-        onnx_log = logging.getLogger("torch.onnx")
-        level = onnx_log.level
-        onnx_log.setLevel(logging.ERROR)   # "torchvision is not installed" notices
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                program = torch.onnx.export(gm, example_inputs, dynamo=True, optimize=False,
-                                            dynamic_shapes=_dynamic_shapes(example_inputs,
-                                                                           dynamic_batch),
-                                            verbose=False, report=False, **kw)
-        finally:
-            onnx_log.setLevel(level)
-        proto = program.model_proto
-    except SalcompileError:
-        raise
-    except Exception as exc:
-        raise exporter_error("export_onnx", exc) from exc
+    proto, _ = export_graph(inference_graph(sal), example_inputs, dynamic_batch, "export_onnx",
+                            opset)
     import onnx
     try:
         onnx.checker.check_model(proto)

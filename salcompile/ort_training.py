@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Set, Tuple
 
@@ -29,8 +28,7 @@ import torch
 from .errors import SalcompileError
 from .module import require_sal
 from .files import check_output_dir
-from .onnx_export import (_dynamic_shapes, _first_line, _require_onnx, exporter_error,
-                          inference_graph)
+from .onnx_export import _first_line, _require_onnx, export_graph, inference_graph
 
 ARTIFACTS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 OPSET = 20          # loaded by onnxruntime-training 1.19.2 (supports opsets up to 21)
@@ -83,32 +81,13 @@ def _check_supported(sal, loss: str, optimizer: str, feedback_scale) -> None:
 
 
 def _export_forward(sal, example_inputs: Tuple[Any, ...], dynamic_batch: bool):
-    gm = inference_graph(sal)
-    try:
-        with torch.no_grad():
-            out = gm(*example_inputs)
-    except Exception as exc:
-        raise SalcompileError(f"export_ort_training: the module does not run on example_inputs "
-                              f"({type(exc).__name__}: {_first_line(exc)}).") from exc
+    proto, out = export_graph(inference_graph(sal), example_inputs, dynamic_batch,
+                              "export_ort_training", OPSET)
     if not isinstance(out, torch.Tensor) and not (isinstance(out, (tuple, list)) and len(out) == 1
                                                   and isinstance(out[0], torch.Tensor)):
         raise SalcompileError("export_ort_training: the module must return a single tensor (the "
                               "loss is attached to it).")
-    onnx_log = logging.getLogger("torch.onnx")
-    level = onnx_log.level
-    onnx_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(gm, example_inputs, dynamo=True, optimize=False,
-                                        dynamic_shapes=_dynamic_shapes(example_inputs,
-                                                                       dynamic_batch),
-                                        opset_version=OPSET, verbose=False, report=False)
-        return program.model_proto
-    except Exception as exc:
-        raise exporter_error("export_ort_training", exc) from exc
-    finally:
-        onnx_log.setLevel(level)
+    return proto
 
 
 @contextlib.contextmanager

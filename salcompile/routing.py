@@ -1,8 +1,9 @@
 """Routing statistics of a transformed model's gates: is the router balanced or collapsed?"""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict
+from typing import Dict, Iterator
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from .module import SALModule
 _PREFIX, _SUFFIX = "sal_gates.", ".counts"
 
 
-def _unwrap(module):
+def unwrap(module):
     """Strip torch.compile (`_orig_mod`) and DistributedDataParallel (`module`) wrappers."""
     from torch.nn.parallel import DistributedDataParallel
     while True:
@@ -27,7 +28,7 @@ def _unwrap(module):
 
 def _counters(module: nn.Module) -> Dict[str, torch.Tensor]:
     """{gate: its counts buffer} of a transformed module, a compiled, DDP-wrapped or reloaded one."""
-    target = _unwrap(module)
+    target = unwrap(module)
     if not isinstance(target, nn.Module):
         raise SalcompileError(f"expected a module returned by salcompile.transform() or "
                               f"salcompile.load(), got {type(module).__name__}.")
@@ -45,7 +46,7 @@ def routing_stats(module) -> Dict[str, dict]:
     busiest area's share over the even share 1/K (1.0 = even, K = collapsed); layers: the gated
     layers the gate routes.
     """
-    target = _unwrap(module)
+    target = unwrap(module)
     layers = {r["gate"]: list(r["layers"]) for r in target.sal_plan.regions} \
         if isinstance(target, SALModule) else {}
     out = {}
@@ -72,3 +73,19 @@ def reset_routing_stats(module) -> None:
     """Zero every gate's counts (e.g. at the start of an epoch or before an evaluation)."""
     for buf in _counters(module).values():
         buf.zero_()
+
+
+@contextlib.contextmanager
+def routing_counts_kept(module, zero: bool = False) -> Iterator[None]:
+    """Leave the gates' routing counts as they were once the block ends (measurements, trial
+    runs); with zero=True they read 0 inside the block (e.g. while writing an archive)."""
+    saved = {n: b.clone() for n, b in _counters(module).items()}
+    if zero:
+        for b in _counters(module).values():
+            b.zero_()
+    try:
+        yield
+    finally:
+        counters = _counters(module)
+        for n, value in saved.items():
+            counters[n].copy_(value)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SalcompileError
+from .routing import routing_counts_kept
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
@@ -68,24 +69,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     """Accuracy in %, in eval mode (the model's mode is restored; routing counts untouched)."""
     was = model.training
     model.eval()
-    saved = _routing_counts(model)
     correct = 0
-    with torch.no_grad():
+    with torch.no_grad(), routing_counts_kept(model):
         for i in range(0, len(x), batch):
             correct += int((model(x[i:i + batch]).argmax(-1) == y[i:i + batch]).sum())
-    _restore(model, saved)
     model.train(was)
     return 100.0 * correct / max(1, len(x))
-
-
-def _routing_counts(model):
-    return {n: b.clone() for n, b in model.named_buffers() if n.endswith(".counts")
-            and "sal_gates" in n}
-
-
-def _restore(model, saved):
-    for n, v in saved.items():
-        model.get_buffer(n).copy_(v)
 
 
 def nonfinite_count(model: nn.Module) -> int:
@@ -117,13 +106,11 @@ def _check_split(name, x, y) -> None:
 
 
 def _check_labels_fit(model, x, y) -> None:
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        saved = _routing_counts(model)
+    was = model.training
+    model.eval()
+    with torch.no_grad(), routing_counts_kept(model):
         classes = model(x[:2]).shape[-1]
-        _restore(model, saved)
-        model.train(was)
+    model.train(was)
     top = int(y.max())
     if top >= classes:
         raise SalcompileError(f"labels go up to {top}, but the model outputs {classes} classes; "
