@@ -61,52 +61,64 @@ def _train(model, sal, xs, ys, rows):
 
 
 def _worker(rank, store, out):
+    # gloo's C++ messages (an abort at teardown included) go to a log the parent can show
+    log = os.open(f"{out}.rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 2)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
-    try:
-        xs, ys = _data()
-        rows = slice(rank * ROWS, (rank + 1) * ROWS)
-        results = {}
-        for name, (fields, wrap) in CASES.items():
-            sal = _model(fields, xs)
-            sdist.sync_gates(enabled=wrap != "unsynced")
-            if wrap == "helper":   # counters excluded from the buffer syncs: True is safe
-                model = sdist.data_parallel(sal, forward_sync_buffers=True)
-            elif wrap == "plain":  # DDP's default: rank 0's buffers copied over at every forward
-                model = DistributedDataParallel(sal)
-            else:
-                model = DistributedDataParallel(sal, **NO_FORWARD_SYNC)
-            params = _train(model, sal, xs, ys, rows)
-            local = {g: s["counts"] for g, s in salcompile.routing_stats(sal).items()}
-            every = [None] * WORLD
-            dist.all_gather_object(every, local)
-            results[name] = dict(params=params, local=every, stats=sdist.routing_stats(model),
-                                 after=salcompile.routing_stats(sal))
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        sdist.sync_gates()
-        dist.barrier()  # no rank tears gloo down while its peer still talks to it
-        dist.destroy_process_group()
+    xs, ys = _data()
+    rows = slice(rank * ROWS, (rank + 1) * ROWS)
+    results = {}
+    for name, (fields, wrap) in CASES.items():
+        sal = _model(fields, xs)
+        sdist.sync_gates(enabled=wrap != "unsynced")
+        if wrap == "helper":   # counters excluded from the buffer syncs: True is safe
+            model = sdist.data_parallel(sal, forward_sync_buffers=True)
+        elif wrap == "plain":  # DDP's default: rank 0's buffers copied over at every forward
+            model = DistributedDataParallel(sal)
+        else:
+            model = DistributedDataParallel(sal, **NO_FORWARD_SYNC)
+        params = _train(model, sal, xs, ys, rows)
+        local = {g: s["counts"] for g, s in salcompile.routing_stats(sal).items()}
+        every = [None] * WORLD
+        dist.all_gather_object(every, local)
+        results[name] = dict(params=params, local=every, stats=sdist.routing_stats(model),
+                             after=salcompile.routing_stats(sal))
+    sdist.sync_gates()
+    if rank == 0:
+        torch.save(results, out + ".tmp")
+        os.replace(out + ".tmp", out)
+    dist.barrier()   # every collective of both ranks is done: the results are final
+    open(f"{out}.rank{rank}.done", "w").close()
+    # Leave without tearing gloo down: its teardown can abort (SIGABRT) when the peer has
+    # already gone, which says nothing about the numbers under test.
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
 def ddp_results():
     with tempfile.TemporaryDirectory() as tmp:
         store, out = os.path.join(tmp, "store"), os.path.join(tmp, "out.pt")
-        ctx = mp.start_processes(_worker, args=(store, out), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+        spawn = mp.get_context("spawn")
+        procs = [spawn.Process(target=_worker, args=(r, store, out)) for r in range(WORLD)]
+        for p in procs:
+            p.start()
         deadline = time.monotonic() + TIMEOUT_S
         try:
-            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"DDP workers did not finish in {TIMEOUT_S} s")
+            for p in procs:
+                p.join(max(0.1, deadline - time.monotonic()))
         finally:
-            for p in ctx.processes:
+            for p in procs:
                 if p.is_alive():
                     p.kill()
                     p.join(5)
+        done = [os.path.exists(f"{out}.rank{r}.done") for r in range(WORLD)]
+        if not all(done) or not os.path.exists(out):
+            logs = "\n".join(f"--- rank {r} (exit code {p.exitcode}):\n" +
+                              open(f"{out}.rank{r}.log", errors="replace").read()[-3000:]
+                              for r, p in enumerate(procs) if os.path.exists(f"{out}.rank{r}.log"))
+            pytest.fail(f"DDP workers did not finish (done: {done}, timeout {TIMEOUT_S} s)\n{logs}")
         return torch.load(out, weights_only=False)
 
 
