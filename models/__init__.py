@@ -40,6 +40,7 @@ class ModelEntry:
     description: str
     sal: Dict[str, Any] = field(default_factory=dict)   # SALConfig overrides recommended for this model
     input_dtype: torch.dtype = torch.float32            # torch.long for token models
+    tiny: Dict[str, Any] = field(default_factory=dict)  # keywords of a small version (smoke tests)
 
 
 def _mlp(*, in_features: int = 64, num_classes: int = 10, hidden: int = 256, depth: int = 2):
@@ -93,8 +94,10 @@ def _replicate_1b(*, in_features: int = 1024, num_classes: int = 1024, width: in
 
 
 REGISTRY: Dict[str, ModelEntry] = {
-    "mlp": ModelEntry(_mlp, (64,), "the paper's MLP 64-256-10 (scikit-learn digits), 19,210 params"),
-    "mlp-mnist": ModelEntry(_mlp_mnist, (784,), "MLP 784-256-10 (MNIST), 203,530 params"),
+    "mlp": ModelEntry(_mlp, (64,), "the paper's MLP 64-256-10 (scikit-learn digits), 19,210 params",
+                      tiny=dict(hidden=32)),
+    "mlp-mnist": ModelEntry(_mlp_mnist, (784,), "MLP 784-256-10 (MNIST), 203,530 params",
+                            tiny=dict(in_features=16, hidden=32)),
     "lenet5": ModelEntry(
         _lenet5, (1, 28, 28),
         "classic LeNet-5 on 28x28 (61,706 params); its 6/120/84 widths do not divide by 16, so SAL "
@@ -103,25 +106,30 @@ REGISTRY: Dict[str, ModelEntry] = {
     "deep-mlp": ModelEntry(_deep_mlp, (64,),
                            "DeepMLP 64-(256 x 7)-10, 8 linear layers, ReLU (depth up to 128), "
                            "413,962 params; under SAL partition each layer reading its area block "
-                           "scales activations by ~1/sqrt(K) at init (see deep-mlp-res)"),
+                           "scales activations by ~1/sqrt(K) at init (see deep-mlp-res)",
+                           tiny=dict(width=16, depth=4)),
     "deep-mlp-res": ModelEntry(_deep_mlp_res, (64,),
                                "residual DeepMLP 64-(256 x 7)-10, pre-activation skips scaled "
-                               "1/sqrt(depth-2), 413,962 params"),
+                               "1/sqrt(depth-2), 413,962 params",
+                               tiny=dict(width=16, depth=4)),
     "resnet20": ModelEntry(_resnet20, (3, 32, 32),
                            "CIFAR ResNet-20, 16/32/64 channels, BN, option-A shortcuts, 269,722 params"),
     "vit": ModelEntry(_vit, (3, 32, 32),
                       "ViT: patch 4 on 32x32, dim 64, 2 layers, 4 heads, MLP 128, mean pool, "
-                      "74,954 params; each block's FFN gated per token"),
+                      "74,954 params; each block's FFN gated per token",
+                      tiny=dict(image_size=8, patch=4, dim=16, depth=1, heads=2, mlp_dim=32)),
     "gpt": ModelEntry(_gpt, (64,),
                       "GPT char LM: vocab 65, context 64, dim 64, 2 layers, 4 heads, MLP 256, "
                       "112,577 params; each block's FFN gated per token",
-                      input_dtype=torch.long),
+                      input_dtype=torch.long,
+                      tiny=dict(vocab_size=12, seq_len=8, dim=16, depth=1, heads=2, mlp_dim=32)),
     "replicate-1b": ModelEntry(
         _replicate_1b, (1024,),
         "DeepMLP 1024-(4096 x 7)-1024, 109,081,600 params dense; replicate K=16 of the 7 gated "
         "layers gives 1,682,408,448 params with the gate (build under torch.device('meta') to "
         "inspect without memory)",
-        sal=dict(area_mode="replicate", areas=16)),
+        sal=dict(area_mode="replicate", areas=16),
+        tiny=dict(in_features=16, num_classes=8, width=16, depth=3)),
 }
 
 
