@@ -7,6 +7,7 @@
 # others; the whole script stays under ~6 minutes):
 #   env        torch / CUDA / device facts, nvidia-smi
 #   install    pip install --no-deps --no-build-isolation -e .
+#   cuda_tests pytest tests/test_devices.py                  (fast = reference on CUDA fp32/bf16, compile)
 #   step_time  python benchmarks/step_time.py --device cuda  -> $OUT/step_time_cuda.md
 #   billion    python benchmarks/step_time.py --billion      -> $OUT/step_time_billion.md
 #   pytest     pytest -q -p no:cacheprovider -x tests        (mostly CPU tests; last, least GPU-specific)
@@ -44,9 +45,10 @@ stage env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch; print(sys.version);
 stage install 60 "$PY" -m pip install --no-deps --no-build-isolation -e .
 # --budget: variants / rounds / extras not started after 75 s are reported as skipped, so the
 # results file is written well inside the stage's timeout.
+stage cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py
 stage step_time 140 "$PY" benchmarks/step_time.py --device cuda --budget 75 --out "$OUT/step_time_cuda.md"
 stage billion 75 "$PY" benchmarks/step_time.py --billion --steps 50 --out "$OUT/step_time_billion.md"
-stage pytest 100 "$PY" -m pytest -q -p no:cacheprovider -x tests
+stage pytest 60 "$PY" -m pytest -q -p no:cacheprovider -x tests
 
 echo "" >> "$SUMMARY"
 echo "total: $(( $(date +%s) - T_START )) s" >> "$SUMMARY"
