@@ -41,14 +41,14 @@ stage() {  # stage NAME TIMEOUT_S CMD...
   return 0
 }
 
-stage env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'; $PY -m pip list 2>/dev/null | grep -i -E '^(torch|networkx|numpy|pytest|hypothesis|scikit-learn|onnx|setuptools) '"
-stage install 60 "$PY" -m pip install --no-deps --no-build-isolation -e .
+stage env 20 bash -c "nvidia-smi; $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'; $PY -m pip list 2>/dev/null | grep -i -E '^(torch|networkx|numpy|pytest|hypothesis|scikit-learn|onnx|setuptools) '"
+stage install 40 "$PY" -m pip install --no-deps --no-build-isolation -e .
 # --budget: variants / rounds / extras not started after 75 s are reported as skipped, so the
 # results file is written well inside the stage's timeout.
-stage cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py
-stage step_time 140 "$PY" benchmarks/step_time.py --device cuda --budget 75 --out "$OUT/step_time_cuda.md"
-stage billion 75 "$PY" benchmarks/step_time.py --billion --steps 50 --out "$OUT/step_time_billion.md"
-stage pytest 60 "$PY" -m pytest -q -p no:cacheprovider -x tests
+stage cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py
+stage step_time 130 "$PY" benchmarks/step_time.py --device cuda --budget 75 --out "$OUT/step_time_cuda.md"
+stage billion 70 "$PY" benchmarks/step_time.py --billion --steps 50 --out "$OUT/step_time_billion.md"
+stage pytest 40 "$PY" -m pytest -q -p no:cacheprovider -x tests
 
 echo "" >> "$SUMMARY"
 echo "total: $(( $(date +%s) - T_START )) s" >> "$SUMMARY"
