@@ -17,7 +17,7 @@ ops = torch.ops.salcompile
 def _is_area_op(target) -> bool:
     from salcompile.ops import areas
     return target in (ops.area_linear.default, ops.area_conv.default, areas.area_linear_reference,
-                      areas.area_conv_reference)
+                      areas.area_conv_reference, ops.compact_linear.default)
 
 
 def strip_feedback(graph: fx.Graph) -> fx.Graph:

@@ -14,9 +14,11 @@ from .archive import load, save
 from .routing import reset_routing_stats, routing_stats
 from .onnx_export import export_onnx
 from .ort_training import export_ort_training
+from .train_step_export import export_train_step
+from .train_step_session import TrainStepSession
 from . import distributed, metrics
 
 __version__ = "0.1.0"
 __all__ = ["SALConfig", "SALModule", "SalcompileError", "transform", "plan", "feedback_matrices",
            "compile", "metrics", "save", "load", "routing_stats", "reset_routing_stats", "distributed", "export_onnx", "export_ort_training",
-           "__version__"]
+           "export_train_step", "TrainStepSession", "__version__"]

@@ -45,13 +45,28 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a converted archive (.pt2 from convert/save) to "
                                       "another runtime")
     e.add_argument("input", help="an archive written by `convert` or salcompile.save")
-    e.add_argument("--to", choices=["onnx"], default="onnx",
-                   help="onnx: an inference graph for onnxruntime (gates and areas included)")
-    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--to", choices=["onnx", "ort-training", "train-step"], default="onnx",
+                   help="onnx: an inference graph for onnxruntime (gates and areas included); "
+                        "ort-training: a directory of ONNX Runtime training artifacts "
+                        "(onnxruntime-training 1.19.2) whose gradients are the module's FA/DFA; "
+                        "train-step: one self-contained ONNX graph (parameters, optimizer state, "
+                        "batch -> loss, updated parameters and state) for any onnxruntime")
+    e.add_argument("-o", "--output", required=True,
+                   help="output file (onnx, train-step) or directory (ort-training)")
     e.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     e.add_argument("--input-shape", help="example input shape without the batch dimension "
                                          "(default: the archive's own example input)")
-    e.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    e.add_argument("--opset", type=int, help="onnx: ONNX opset (default: the exporter's)")
+    e.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy",
+                   help="ort-training, train-step: the training loss (mean)")
+    e.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="ort-training, train-step: the optimizer")
+    e.add_argument("--lr", type=float, default=1e-3,
+                   help="train-step: learning rate written into the graph (ort-training sets it "
+                        "at run time)")
+    e.add_argument("--weight-decay", type=float,
+                   help="train-step: weight decay (default: torch's, 0.01 adamw / 0 sgd)")
+    e.add_argument("--momentum", type=float, default=0.0, help="train-step, sgd: momentum")
 
     t = sub.add_parser("train", help="train a zoo model on a dataset with SAL/FA/DFA/BP",
                        description="Train a zoo model on an offline dataset, one run per seed. "
@@ -192,8 +207,8 @@ def _inspect(args) -> int:
 def _export(args) -> int:
     from .archive import load
     from .module import SALModule
-    from .onnx_export import export_onnx
-    files.check_output(args.output, args.force)
+    if args.to != "ort-training":   # a directory: export_ort_training checks its own contents
+        files.check_output(args.output, args.force)
     if files.detect_format(args.input) != files.EXPORT:
         raise SalcompileError(f"{args.input} is not a torch.export archive; run `python -m "
                               "salcompile convert` on it first.")
@@ -209,8 +224,23 @@ def _export(args) -> int:
         if not ep.example_inputs:
             raise SalcompileError(f"{args.input} carries no example inputs; pass --input-shape.")
         example = tuple(ep.example_inputs[0])
-    export_onnx(sal, example, args.output, opset=args.opset, force=args.force)
-    print(f"wrote {args.output}  (onnxruntime.InferenceSession({str(args.output)!r}))")
+    if args.to == "onnx":
+        from .onnx_export import export_onnx
+        export_onnx(sal, example, args.output, opset=args.opset, force=args.force)
+        print(f"wrote {args.output}  (onnxruntime.InferenceSession({str(args.output)!r}))")
+    elif args.to == "ort-training":
+        from .ort_training import export_ort_training
+        export_ort_training(sal, example, args.output, loss=args.loss, optimizer=args.optimizer,
+                            force=args.force)
+        print(f"wrote ONNX Runtime training artifacts to {args.output}  "
+              "(onnxruntime.training.api: CheckpointState, Module, Optimizer)")
+    else:
+        from .train_step_export import export_train_step
+        export_train_step(sal, example, args.output, loss=args.loss, optimizer=args.optimizer,
+                          lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                          force=args.force)
+        print(f"wrote {args.output}  (salcompile.TrainStepSession({str(args.output)!r}, ...) or "
+              "any onnxruntime InferenceSession)")
     return 0
 
 

@@ -49,6 +49,10 @@ class SALConfig:
     check_finite:   raise a SalcompileError naming the layer at the first NaN/inf in a layer's
                     output (forward) or in the gradient reaching it (backward). Opt-in: it reads
                     every layer output once more.
+    fuse_regions:   with area_impl="fast", run each region's linear area layers in area-sorted
+                    compact form (rows sorted once per gate, hidden activations stored as
+                    rows x width/K, one grouped matmul per layer; passes/fuse_regions.py).
+                    False keeps one self-contained area op per layer. Same values and gradients.
     """
 
     feedback: str = "fa"
@@ -66,6 +70,7 @@ class SALConfig:
     area_impl: str = "fast"
     input_block_gain: str = "fan_in"
     check_finite: bool = False
+    fuse_regions: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("feedback", self.feedback, FEEDBACK_MODES)
@@ -77,6 +82,8 @@ class SALConfig:
         _check_choice("input_block_gain", self.input_block_gain, BLOCK_GAINS)
         if not isinstance(self.check_finite, bool):
             raise SalcompileError(f"check_finite must be True or False, got {self.check_finite!r}.")
+        if not isinstance(self.fuse_regions, bool):
+            raise SalcompileError(f"fuse_regions must be True or False, got {self.fuse_regions!r}.")
         for name in ("feedback_seed", "routing_seed"):
             if not _is_int(getattr(self, name)):
                 raise SalcompileError(f"{name} must be an int, got {getattr(self, name)!r}.")

@@ -94,9 +94,10 @@ def inference_graph(sal) -> fx.GraphModule:
     """An eval-mode GraphModule equal to `sal`'s forward, built of aten ops only (shares `sal`'s
     parameters). What export_onnx exports."""
     s, area_ops = _ops()
+    from .passes.fuse_regions import unfuse_regions   # fused regions -> one area op per layer
     with warnings.catch_warnings():  # torch's own pytree deprecation noise on deepcopy
         warnings.simplefilter("ignore", FutureWarning)
-        g = copy.deepcopy(sal.graph)
+        g = unfuse_regions(sal.graph)
     linear_targets = (s.area_linear.default, area_ops.area_linear_reference)
     conv_targets = (s.area_conv.default, area_ops.area_conv_reference)
     for node in list(g.nodes):
@@ -204,9 +205,10 @@ def exporter_error(who: str, exc: Exception) -> SalcompileError:
 
 
 def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic_batch: bool, who: str,
-                 opset: Optional[int] = None):
+                 opset: Optional[int] = None, custom_translation_table: Optional[dict] = None):
     """(ONNX ModelProto, the eager output) of an inference graph: a trial run first (clear errors
-    for wrong inputs), then the dynamo exporter with parameter names kept, its logs quieted."""
+    for wrong inputs), then the dynamo exporter with parameter names kept, its logs quieted.
+    `custom_translation_table`: {op overload: onnxscript function}, passed to the exporter."""
     try:
         with torch.no_grad():
             out = gm(*example_inputs)
@@ -214,6 +216,8 @@ def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic_batch: bool,
         raise SalcompileError(f"{who}: the module does not run on example_inputs "
                               f"({type(exc).__name__}: {_first_line(exc)}).") from exc
     kw = {} if opset is None else {"opset_version": int(opset)}
+    if custom_translation_table:
+        kw["custom_translation_table"] = dict(custom_translation_table)
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
     onnx_log.setLevel(logging.ERROR)   # "torchvision is not installed" notices

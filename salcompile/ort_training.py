@@ -1,33 +1,67 @@
-"""Exporting a transformed module as ONNX Runtime training artifacts with FA gradients.
+"""Exporting a transformed module as ONNX Runtime training artifacts with FA / DFA gradients.
 
     salcompile.export_ort_training(sal, (x,), "artifacts/")
 
 writes `training_model.onnx`, `eval_model.onnx`, `optimizer_model.onnx` and `checkpoint` for
-`onnxruntime.training.api` (onnxruntime-training 1.19.2). The forward is exported as in
-export_onnx, ORT's `generate_artifacts` builds the backprop training graph, and that graph is then
-edited for feedback alignment: after the loss node, every backward read of an FA weight `W` (or of
-a weight-only forward chain of it, e.g. Transpose(W), which is mirrored for `B`) is redirected to
-an added initializer holding the module's feedback buffer `B`. Weight gradients never read `W`'s
-values, so one ORT step computes exactly the FA gradients of the torch module.
+`onnxruntime.training.api` (onnxruntime-training 1.19.2). One ORT training step computes the
+gradients of one torch step of the transformed module (same loss, same batch):
 
-First slice: dense FA models (`areas=1`, `feedback="fa"`, `feedback_scale="none"`) without
-dropout or batch norm (their forward is the eval-mode forward).
+  * the forward is the module's train-mode forward, exported like export_onnx (routed area layers
+    in masked-dense form), with batch norm written out with batch statistics and marker nodes on
+    the tensors the edits below need; ORT's `generate_artifacts` builds a backprop training graph;
+  * FA: after the loss, every backward read of an FA weight W, or of a weight-only forward chain
+    of it (Transpose(W), an area's Slice block of W...; mirrored for B), reads an added
+    initializer holding the feedback buffer B instead. Weight gradients never read W's values, so
+    this is exact. feedback_scale="match": the B tensor read is first multiplied by
+    ReduceL2(W tensor) / max(ReduceL2(B tensor), 1e-12) — per layer, and per area block for
+    routed layers, as salcompile.ops.fa.rescale / the area ops do;
+  * DFA: the gradient of every DFA tap (an activation that feeds a layer) is replaced by
+    reshape(reshape(e, [-1, n_out]) @ D_l, shape(tap)), e the gradient of the network output,
+    exactly dfa_output's backward; the gradients the tap's consumers computed are dropped, which
+    is what the torch module's `tap.detach()` reads do;
+  * areas (SAL gates): only the row's area block computes that row (masked), so ORT's gradient of
+    a weight block sums only the rows routed to it, as torch's area ops do. The gate's
+    projection P is trained by its local rule, as in torch: the forward adds 0·ΣP to the output
+    (so ORT makes P trainable), and P's gradient is then replaced by nodes computing
+    salcompile.ops.gate.local_rule_grad (winner cross-entropy + load balance, batch statistics of
+    this process). The prototypes are constants. Gradients of every parameter, P included, equal
+    the torch module's.
+
+Checkpoint parameter names are the module's state_dict names; parameters with
+requires_grad=False are frozen (kept in the checkpoint, not trained), every other one is trainable.
+Feedback buffers, prototypes and other buffers are constants of the training graph.
+
+Limits (each raises a SalcompileError saying what to do): the module must return one tensor
+(the loss is attached to it: 'cross_entropy' = mean softmax cross-entropy over int64 labels
+[batch], 'mse' = mean squared error); a weight may not feed both an FA layer and a backprop
+fallback layer; ops with no ONNX form (e.g. fused region ops of a newer pipeline) need
+transform(..., area_impl="reference"). Batch norm trains with batch statistics but ORT cannot
+write buffers back, so running statistics are not updated: eval_model.onnx normalises with batch
+statistics as well. Dropout is active in the training model (ORT's own random masks, so only
+p=0 reproduces torch bit for bit) and off in eval_model.onnx. check_finite guards and routing
+counters are not part of the ORT graphs. Gate statistics are those of the batch ORT sees (no
+process-group sum).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import operator
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Set, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
+import torch.fx as fx
+from torch import Tensor
 
 from .errors import SalcompileError
-from .module import require_sal
 from .files import check_output_dir
+from .module import SALModule, require_sal
 from .onnx_export import _first_line, _require_onnx, export_graph, inference_graph
 
 ARTIFACTS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
@@ -35,7 +69,40 @@ OPSET = 20          # loaded by onnxruntime-training 1.19.2 (supports opsets up 
 IR_VERSION = 10
 _LOSSES = ("cross_entropy", "mse")
 _OPTIMIZERS = ("adamw", "sgd")
-_TRAIN_ONLY = ("dropout", "batch_norm", "bernoulli")
+WHO = "export_ort_training"
+
+aten = torch.ops.aten
+# marker kinds (ort_graph_edit.take_markers)
+TAP, OUT, FEATURES, AREA = 1, 2, 3, 4
+
+
+@torch.library.custom_op("salcompile_ort::mark", mutates_args=())
+def _mark(x: Tensor, kind: int, index: int) -> Tensor:
+    """A copy of x; exported as a `salcompile.ort::Mark` node the training edits find again."""
+    return x.clone()
+
+
+@_mark.register_fake
+def _(x, kind, index):
+    return torch.empty_like(x)
+
+
+def _translation_table():
+    import onnxscript
+    from onnx.defs import OpSchema
+    schema = OpSchema(
+        "Mark", "salcompile.ort", 1, inputs=[OpSchema.FormalParameter("x", "T")],
+        outputs=[OpSchema.FormalParameter("y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(double)", "tensor(float16)",
+                                 "tensor(bfloat16)", "tensor(int64)", "tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute("kind", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("index", OpSchema.AttrType.INT, "")])
+    op = onnxscript.values.Op(onnxscript.values.Opset("salcompile.ort", 1), "Mark", schema)
+
+    def mark(x, kind: int, index: int):
+        return op(x, kind=kind, index=index)
+
+    return {torch.ops.salcompile_ort.mark.default: mark}
 
 
 def _require_ort_training():
@@ -48,46 +115,151 @@ def _require_ort_training():
     return artifacts
 
 
-def _check_supported(sal, loss: str, optimizer: str, feedback_scale) -> None:
+def _check_supported(sal, loss: str, optimizer: str) -> None:
     if loss not in _LOSSES:
-        raise SalcompileError(f"export_ort_training: loss must be one of {', '.join(_LOSSES)}, "
-                              f"not {loss!r}.")
+        raise SalcompileError(f"{WHO}: loss must be one of {', '.join(_LOSSES)}, not {loss!r}.")
     if optimizer not in _OPTIMIZERS:
-        raise SalcompileError(f"export_ort_training: optimizer must be one of "
-                              f"{', '.join(_OPTIMIZERS)}, not {optimizer!r}.")
-    cfg = sal.sal_plan.config
-    if cfg.get("feedback") != "fa":
-        raise SalcompileError(f"export_ort_training supports feedback='fa' only for now (the "
-                              f"module uses {cfg.get('feedback')!r}).")
-    if sal.sal_plan.regions or cfg.get("areas", 1) != 1:
-        raise SalcompileError("export_ort_training supports dense models only for now: transform "
-                              "with areas=1.")
-    if feedback_scale != "none":
+        raise SalcompileError(f"{WHO}: optimizer must be one of {', '.join(_OPTIMIZERS)}, not "
+                              f"{optimizer!r}.")
+    fa = {l.weight for l in sal.sal_plan.layers if l.feedback == "fa"}
+    fallback = {w for f in sal.sal_plan.backprop for w in f.weights}
+    both = sorted(fa & fallback)
+    if both:
         raise SalcompileError(
-            f"export_ort_training: feedback_scale={feedback_scale!r} is not supported yet (it "
-            "rescales B by ||W|| every step, which a static graph edit cannot express); transform "
-            "with feedback_scale='none'.")
-    for node in sal.graph.nodes:
-        if node.op == "call_function":
-            name = str(getattr(node.target, "__name__", node.target))
-            if any(t in name for t in _TRAIN_ONLY):
-                raise SalcompileError(
-                    f"export_ort_training does not support models with dropout or batch norm yet "
-                    f"(found {name} at {node.name}).")
+            f"{WHO}: {', '.join(both)} feed both an FA layer and a layer trained with backprop "
+            "(a fallback); one ONNX gradient graph cannot read W for one and B for the other. "
+            "Train this model in torch, or transform with feedback='bp'.")
     for layer in sal.sal_plan.layers:
-        if layer.feedback != "fa" or not layer.feedback_buffer:
-            raise SalcompileError(f"export_ort_training: layer {layer.name} uses feedback "
-                                  f"{layer.feedback!r}; only FA layers are supported for now.")
+        if layer.feedback == "fa" and not layer.feedback_buffer:
+            raise SalcompileError(f"{WHO}: FA layer {layer.name} has no feedback buffer; "
+                                  "re-run salcompile.transform.")
 
 
-def _export_forward(sal, example_inputs: Tuple[Any, ...], dynamic_batch: bool):
-    proto, out = export_graph(inference_graph(sal), example_inputs, dynamic_batch,
-                              "export_ort_training", OPSET)
-    if not isinstance(out, torch.Tensor) and not (isinstance(out, (tuple, list)) and len(out) == 1
-                                                  and isinstance(out[0], torch.Tensor)):
-        raise SalcompileError("export_ort_training: the module must return a single tensor (the "
-                              "loss is attached to it).")
-    return proto
+# ---------------------------------------------------------------- the train-mode forward
+def _bn_train(x, weight, bias, eps: float):
+    """Batch norm with batch statistics (biased variance), no running-statistics update."""
+    dims = [0] + list(range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    xc = x - mean
+    y = xc * torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def _unfused_copy(graph: fx.Graph) -> fx.Graph:
+    """A copy of the module's graph; fused regions (area-sorted compact form) turned back into
+    one area op per layer, where DFA taps and gate outputs are whole activations again."""
+    try:
+        from .passes.fuse_regions import unfuse_regions
+    except ImportError:   # a pipeline without the fusion pass
+        unfuse_regions = None
+    if unfuse_regions is not None:
+        return unfuse_regions(graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(graph)
+
+
+def _replace_uses(node: fx.Node, new: fx.Node) -> None:
+    node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+
+
+def _training_graph(sal) -> Tuple[fx.GraphModule, List[Tuple[str, str]], List[Dict]]:
+    """(the train-mode forward in aten ops with markers, [(tap marker index -> D buffer)],
+    [gate info]). Works on a copy of the module's graph; parameters are shared."""
+    s = torch.ops.salcompile
+    g = _unfused_copy(sal.graph)
+    mark = torch.ops.salcompile_ort.mark.default
+    # 1. train mode: batch norm / dropout flags -> True; the step counter is not ORT's business
+    for node in list(g.nodes):
+        if node.op == "get_attr" and node.target == "training":
+            for user in list(node.users):
+                if user.target is aten.add_.Tensor and not user.users:
+                    g.erase_node(user)   # num_batches_tracked += training
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda n: True if n is node else n)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda n: True if n is node else n)
+            g.erase_node(node)
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        name = str(getattr(node.target, "__name__", node.target))
+        if node.target is aten.batch_norm.default:
+            a = list(node.args)
+            if a[5] is True:
+                with g.inserting_before(node):
+                    new = g.call_function(_bn_train, (a[0], a[1], a[2], float(a[7])))
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                g.erase_node(node)
+        elif "batch_norm" in name and True in node.args:
+            raise SalcompileError(f"{WHO}: train-mode batch norm op {name} at {node.name} is not "
+                                  "supported (only aten.batch_norm); capture the model with "
+                                  "torch.export (pass example_inputs to transform).")
+    # 2. DFA: every tap's consumers read mark(tap) (the consumers' detach included)
+    taps: List[Tuple[str, str]] = []
+    dfa_nodes = [n for n in g.nodes if n.op == "call_function" and n.target is s.dfa_output.default]
+    for dfa in dfa_nodes:
+        _, tap_nodes, d_nodes = dfa.args
+        for tap, d in zip(tap_nodes, d_nodes):
+            with g.inserting_after(tap):
+                m = g.call_function(mark, (tap, TAP, len(taps)))
+            m.meta = dict(tap.meta)
+            tap.replace_all_uses_with(m, delete_user_cb=lambda u: u is not m and u is not dfa)
+            taps.append((d.target, tap.name))
+    # 3. gates: mark the features and the areas; anchor P on the output
+    gates: List[Dict] = []
+    out_node = next(n for n in g.nodes if n.op == "output")
+    for gate in [n for n in g.nodes if n.op == "call_function"
+                 and n.target is s.region_gate.default]:
+        feats, proj, protos, temperature, balance = gate.args[:5]
+        k = len(gates)
+        with g.inserting_before(gate):
+            mf = g.call_function(mark, (feats, FEATURES, k))
+        mf.meta = dict(feats.meta)
+        gate.args = (mf,) + tuple(gate.args[1:])
+        area = [u for u in gate.users if u.target is operator.getitem
+                and u.args[1] == 0]
+        for a in area:
+            with g.inserting_after(a):
+                ma = g.call_function(mark, (a, AREA, k))
+            ma.meta = dict(a.meta)
+            _replace_uses(a, ma)
+        gates.append({"proj": proj.target, "prototypes": protos.target,
+                      "temperature": float(temperature), "balance_weight": float(balance),
+                      "areas": int(sal.get_buffer(protos.target).shape[0]), "index": k})
+    # 4. the output: + 0·ΣP per gate (P joins ORT's gradient graph), then the OUT marker
+    val = out_node.args[0]
+    single = isinstance(val, fx.Node)
+    y = val if single else (val[0] if isinstance(val, (tuple, list)) and len(val) == 1 else None)
+    if not isinstance(y, fx.Node):
+        raise SalcompileError(f"{WHO}: the module must return a single tensor (the loss is "
+                              "attached to it).")
+    with g.inserting_before(out_node):
+        z = y
+        for gate in gates:
+            p = g.get_attr(gate["proj"])
+            z = g.call_function(aten.add.Tensor, (z, g.call_function(
+                aten.mul.Tensor, (g.call_function(aten.sum.default, (p,)), 0.0))))
+        mo = g.call_function(mark, (z, OUT, 0))
+    mo.meta = dict(y.meta)
+    out_node.args = (mo,) if single else ((mo,),)
+    g.lint()
+    tmp = SALModule(sal, g, sal.sal_plan, sal.sal_config)
+    try:
+        gm = inference_graph(tmp)
+    except SalcompileError as exc:
+        if "no ONNX form" in str(exc):
+            raise SalcompileError(
+                f"{WHO}: {str(exc).split(': ', 1)[-1]} Transform the model with "
+                "salcompile.SALConfig(area_impl='reference') (the masked-dense area ops have an "
+                "ONNX form) and export that.") from exc
+        raise
+    return gm, taps, gates
 
 
 @contextlib.contextmanager
@@ -113,122 +285,95 @@ def _quiet_stderr(log_path: str):
         ort_log.setLevel(level)
 
 
-def _fa_edit(model, feedback: Dict[str, torch.Tensor], params: Set[str]) -> int:
-    """Redirect backward reads of each FA weight (and of its weight-only forward chains) to its
-    feedback initializer. Returns the number of redirected inputs."""
-    import onnx
-    from onnx import numpy_helper
+# ---------------------------------------------------------------- edits of the generated graphs
+def _edit_training_model(model, sal, marks, taps, gates, params) -> Dict[str, int]:
+    from . import ort_graph_edit as ge
     g = model.graph
-    nodes = list(g.node)
-    loss_name = g.output[0].name   # generate_artifacts puts the loss first
-    grads = {loss_name + "_grad"}   # the seed gradient; the backward pass is what depends on it
-    if not any(i in grads for n in nodes for i in n.input):
-        raise SalcompileError("export_ort_training: cannot find the backward pass in the training "
-                              f"graph (nothing reads {loss_name}_grad).")
-    backward_ids = set()
-    for n in nodes:   # ONNX node lists are topologically sorted
-        if any(i in grads for i in n.input):
-            backward_ids.add(id(n))
-            grads.update(o for o in n.output if o)
-    forward = [n for n in nodes if id(n) not in backward_ids]
-    backward = [n for n in nodes if id(n) in backward_ids]
-    taken = {i.name for i in g.initializer} | {i.name for i in g.input} | \
-        {o for n in nodes for o in n.output}
-    constants = {i.name for i in g.initializer if i.name not in params}
-    constants |= {o for n in forward if n.op_type == "Constant" for o in n.output}
-    # rename: tensor read by the backward pass -> its feedback counterpart
-    rename: Dict[str, str] = {}
-    owner: Dict[str, str] = {}   # chain tensor -> the FA weight it derives from
-    for w, b in feedback.items():
-        name = f"{w}_feedback"
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        g.initializer.append(numpy_helper.from_array(
-            b.detach().cpu().numpy(),
-            name))
-        rename[w] = name
-        owner[w] = w
-    mirrored = []
-    for n in forward:
-        ins = [i for i in n.input if i]
-        if not ins or n.op_type == "Constant":
+    loss_grad = g.output[0].name + "_grad"   # generate_artifacts puts the loss first
+    plan = sal.sal_plan
+    feedback = {l.weight: sal.get_buffer(l.feedback_buffer).detach().cpu().numpy()
+                for l in plan.layers if l.feedback == "fa" and l.feedback_buffer}
+    match = plan.config.get("feedback_scale") == "match"
+    counts = {"redirected": 0, "dfa_taps": 0, "gates": 0}
+    if feedback:
+        counts["redirected"] = ge.fa_edit(model, feedback, params, loss_grad, match)
+        if not counts["redirected"]:
+            raise SalcompileError(f"{WHO}: no backward read of an FA weight found in the "
+                                  "training graph; the FA edit did nothing.")
+    names = ge.Names(model)
+    if taps:
+        err = marks[(OUT, 0)][1] + "_grad"
+        if not any(err in n.output for n in g.node):
+            raise SalcompileError(f"{WHO}: the training graph has no gradient of the network "
+                                  "output; cannot deliver DFA errors.")
+        for i, (d_name, tap) in enumerate(taps):
+            d = sal.get_buffer(d_name).detach().cpu().numpy()
+            b = ge.Builder(model, f"dfa_{i}", names)
+            d_init = b.const(d, d.dtype, "D")
+            done = ge.override_gradient(
+                model, marks[(TAP, i)][1],
+                lambda out: ge.direct_error_nodes(b, err, d_init, marks[(TAP, i)][1], out), WHO)
+            counts["dfa_taps"] += bool(done)
+    for gate in gates:
+        if gate["proj"] not in params:   # a frozen projection: nothing to train
             continue
-        roots = {owner[i] for i in ins if i in owner}
-        if not roots or not all(i in owner or i in constants for i in ins):
+        k = gate["index"]
+        b = ge.Builder(model, f"gate_{k}", names)
+        protos = sal.get_buffer(gate["prototypes"]).detach().cpu().numpy()
+        p_init = b.const(protos, protos.dtype, "prototypes")
+        done = ge.override_gradient(
+            model, gate["proj"],
+            lambda out: ge.local_rule_nodes(b, marks[(FEATURES, k)][1], gate["proj"], p_init,
+                                            marks[(AREA, k)][1], gate["temperature"],
+                                            gate["balance_weight"], gate["areas"], out), WHO)
+        if not done:
+            raise SalcompileError(f"{WHO}: the training graph computes no gradient for gate "
+                                  f"projection {gate['proj']} (internal error).")
+        counts["gates"] += 1
+    ge.toposort(model)   # added nodes sit at the end; prune needs producers before users
+    ge.prune(model)
+    return counts
+
+
+def _eval_dropout_off(model) -> None:
+    """Dropout nodes of eval_model.onnx get training_mode = False."""
+    from onnx import numpy_helper
+    import numpy as np
+    from . import ort_graph_edit as ge
+    off = None
+    for n in model.graph.node:
+        if n.op_type != "Dropout":
             continue
-        if len(roots) > 1:
-            raise SalcompileError(f"export_ort_training: node {n.name} ({n.op_type}) combines "
-                                  f"several FA weights ({', '.join(sorted(roots))}); not supported.")
-        root = roots.pop()
-        m = onnx.NodeProto()
-        m.CopyFrom(n)
-        m.name = (n.name or n.op_type) + "_feedback_mirror"
-        for k, i in enumerate(m.input):
-            if i in rename:
-                m.input[k] = rename[i]
-        for k, o in enumerate(m.output):
-            if not o:
-                continue
-            new = o + "_feedback_mirror"
-            while new in taken:
-                new += "_"
-            taken.add(new)
-            rename[o] = new
-            owner[o] = root
-            m.output[k] = new
-        mirrored.append((n, m))
-    count = 0
-    used_mirrors: Set[str] = set()
-    for n in backward:
-        for k, i in enumerate(n.input):
-            if i in rename:
-                n.input[k] = rename[i]
-                used_mirrors.add(rename[i])
-                count += 1
-    # keep only the mirrored nodes something needs (walk back from the backward reads)
-    need = set(used_mirrors)
-    keep = {}
-    for n, m in reversed(mirrored):
-        if any(o in need for o in m.output):
-            keep[id(n)] = m
-            need.update(m.input)
-    ordered = []
-    for n in nodes:   # each mirror right after its original: its inputs are ready there
-        ordered.append(n)
-        if id(n) in keep:
-            ordered.append(keep[id(n)])
-    del g.node[:]
-    g.node.extend(ordered)
-    read = {i for n in g.node for i in n.input}
-    added = {rename[w] for w in feedback}
-    unused = [k for k, i in enumerate(g.initializer) if i.name in added and i.name not in read]
-    for k in reversed(unused):   # e.g. the first layer's B: no input gradient is needed
-        del g.initializer[k]
-    return count
+        if off is None:
+            off = ge.Names(model)("dropout_training_mode_off")
+            model.graph.initializer.append(numpy_helper.from_array(np.array(False), off))
+        while len(n.input) < 3:
+            n.input.append("")
+        n.input[2] = off
 
 
-def _normalise(model) -> None:
-    model.ir_version = IR_VERSION
+def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir,
+                        loss: str = "cross_entropy", optimizer: str = "adamw",
+                        force: bool = False, dynamic_batch: bool = True) -> Dict[str, Any]:
+    """Write ONNX Runtime training artifacts of a transformed module into `out_dir`.
 
+    `module`: a module returned by salcompile.transform (FA, DFA or BP feedback; dense or with
+    SAL areas; feedback_scale 'none' or 'match'; batch norm, dropout, layer norm, attention).
+    `example_inputs`: a tuple of inputs (a batch of 2 or more when `dynamic_batch`, which makes
+    dimension 0 of every input dynamic). `loss`: 'cross_entropy' (ORT's mean
+    SoftmaxCrossEntropyLoss; labels int64 of shape [batch]) or 'mse' (mean). `optimizer`: 'adamw'
+    or 'sgd'. `out_dir` is created if missing; existing artifacts in it are an error unless
+    `force`. Files are written under temporary names and renamed into place.
 
-def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir, loss: str = "cross_entropy",
-                        optimizer: str = "adamw", force: bool = False,
-                        dynamic_batch: bool = True) -> Dict[str, Any]:
-    """Write ONNX Runtime training artifacts of a transformed FA module into `out_dir`.
-
-    `module`: a module returned by salcompile.transform with feedback='fa', areas=1 and
-    feedback_scale='none', without dropout or batch norm (first slice). `loss`: 'cross_entropy'
-    (ORT's mean SoftmaxCrossEntropyLoss; labels int64 of shape [batch]) or 'mse' (mean).
-    `optimizer`: 'adamw' or 'sgd'. `out_dir` is created if missing; existing artifacts in it are
-    an error unless `force`. Files are written under temporary names and renamed into place.
-
-    Trainable parameters (checkpoint names = the module's state_dict names) are every parameter
-    of the module; the FA feedback buffers become constant initializers of training_model.onnx.
-    Returns {"files": [...], "parameters": [...], "redirected": n}.
+    One ORT train step gives the torch module's FA / DFA gradients (see the module docstring for
+    how, for the gates' local rule and for the limits). Trainable parameters (checkpoint names =
+    the module's state_dict names) are the module's parameters with requires_grad, gate
+    projections included (they follow their local rule); the others are frozen.
+    Returns {"files": [...], "parameters": [...], "redirected": FA reads redirected,
+    "dfa_taps": taps given e·D, "gates": gate projections given their local rule}.
     """
     sal = require_sal(module)
-    _check_supported(sal, loss, optimizer, sal.sal_plan.config.get("feedback_scale"))
+    _check_supported(sal, loss, optimizer)
     _require_onnx()
     artifacts = _require_ort_training()
     out = check_output_dir(out_dir)
@@ -241,20 +386,21 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir, loss: 
     example_inputs = tuple(example_inputs)
 
     import onnx
-    proto = _export_forward(sal, example_inputs, dynamic_batch)
+    from . import ort_graph_edit as ge
+    gm, taps, gates = _training_graph(sal)
+    proto, _ = export_graph(gm, example_inputs, dynamic_batch, WHO, OPSET,
+                            custom_translation_table=_translation_table())
+    marks = ge.take_markers(proto)
+    ge.fix_pitfalls(proto, WHO)
     params = [n for n, _ in sal.named_parameters()]
+    frozen = [n for n, p in sal.named_parameters() if not p.requires_grad]
+    trained = [n for n in params if n not in frozen]
     inits = {i.name for i in proto.graph.initializer}
     missing = [p for p in params if p not in inits]
     if missing:
-        raise SalcompileError(f"export_ort_training: parameters {', '.join(missing)} are not "
-                              "initializers of the exported graph (unused or renamed).")
-    # keep only parameters as initializers the trainer sees as weights; other initializers stay
-    feedback = {l.weight: sal.get_buffer(l.feedback_buffer) for l in sal.sal_plan.layers}
-    fallback = {w for f in sal.sal_plan.backprop for w in f.weights}
-    both = sorted(set(feedback) & fallback)
-    if both:
-        raise SalcompileError(f"export_ort_training: {', '.join(both)} feed both FA and backprop "
-                              "layers; not supported yet.")
+        raise SalcompileError(f"{WHO}: parameters {', '.join(missing)} are not initializers of "
+                              "the exported graph (unused or renamed); every parameter must take "
+                              "part in the forward.")
 
     loss_type = {"cross_entropy": artifacts.LossType.CrossEntropyLoss,
                  "mse": artifacts.LossType.MSELoss}[loss]
@@ -264,34 +410,31 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir, loss: 
         log = str(tmp / "generate.log")
         try:
             with _quiet_stderr(log):
-                artifacts.generate_artifacts(proto, requires_grad=params, frozen_params=[],
+                artifacts.generate_artifacts(proto, requires_grad=trained, frozen_params=frozen,
                                              loss=loss_type, optimizer=optim_type,
                                              artifact_directory=str(tmp))
         except Exception as exc:
-            raise SalcompileError(f"export_ort_training: onnxruntime-training's "
-                                  f"generate_artifacts failed ({type(exc).__name__}: "
-                                  f"{_first_line(exc)}).") from exc
-        train_path = tmp / "training_model.onnx"
-        model = onnx.load(str(train_path))
-        count = _fa_edit(model, feedback, set(params))
-        if feedback and not count:
-            raise SalcompileError("export_ort_training: no backward read of an FA weight found in "
-                                  "the training graph; the FA edit did nothing.")
+            raise SalcompileError(f"{WHO}: onnxruntime-training's generate_artifacts failed "
+                                  f"({type(exc).__name__}: {_first_line(exc)}).") from exc
+        model = onnx.load(str(tmp / "training_model.onnx"))
+        counts = _edit_training_model(model, sal, marks, taps, gates, set(trained))
         for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
             m = model if name == "training_model.onnx" else onnx.load(str(tmp / name))
-            _normalise(m)
+            if name == "eval_model.onnx":
+                _eval_dropout_off(m)
+            m.ir_version = IR_VERSION
             try:
                 onnx.checker.check_model(m)
             except Exception as exc:
-                raise SalcompileError(f"export_ort_training: {name} fails onnx.checker: "
+                raise SalcompileError(f"{WHO}: {name} fails onnx.checker: "
                                       f"{_first_line(exc)}") from exc
             onnx.save(m, str(tmp / name))
         for name in ARTIFACTS:   # everything is written; now move into place
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"files": [str(out / f) for f in ARTIFACTS], "parameters": params,
-            "redirected": count}
+    return {"files": [str(out / f) for f in ARTIFACTS], "parameters": params, "frozen": frozen,
+            **counts}
 
 
 __all__ = ["export_ort_training"]

@@ -133,7 +133,30 @@ CASES = [
      lambda tmp: salcompile.transform(MLP(8, 16, 3), (_x(),), areas=4, check_finite=True)(
          torch.full((2, 8), float("nan"))), "non-finite value in the model input"),
     ("inf-weight-during-training", lambda tmp: _inf_weight(), "layer layers.1"),
+    ("export-unknown-loss", lambda tmp: salcompile.export_train_step(
+        _archive(tmp)[0], (_x(),), tmp / "s.onnx", loss="hinge"), "cross_entropy, mse"),
+    ("export-unknown-optimizer", lambda tmp: salcompile.export_ort_training(
+        _archive(tmp)[0], (_x(),), tmp / "artifacts", optimizer="lamb"), "adamw, sgd"),
+    ("train-step-with-dropout", lambda tmp: salcompile.export_train_step(
+        salcompile.transform(Dropped(), (_x(),), areas=1), (_x(),), tmp / "s.onnx"),
+     "Set the dropout probability to 0"),
+    ("not-a-train-step-graph", lambda tmp: salcompile.TrainStepSession(_inference_onnx(tmp), {}),
+     "not a train-step graph"),
 ]
+
+
+class Dropped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.d = nn.Linear(8, 4), nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.d(self.l(x))
+
+
+def _inference_onnx(tmp):
+    salcompile.export_onnx(_archive(tmp)[0], (_x(),), tmp / "m.onnx")
+    return tmp / "m.onnx"
 
 
 def _inf_weight():

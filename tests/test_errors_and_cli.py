@@ -212,3 +212,53 @@ def test_cli_export_to_onnx_matches_the_archive(files, capsys):
     assert _run("export", files / "model.pt2", "-o", files / "plain.onnx") == 2
     assert "convert the model first" in capsys.readouterr().err
     assert not (files / "plain.onnx").exists()
+
+
+def _archive_and_torch_grads(files, *convert_args):
+    sal_path = files / "sal.pt2"
+    assert _run("convert", files / "model.pt2", "-o", sal_path, *convert_args) == 0
+    loaded = salcompile.load(sal_path)
+    torch.manual_seed(3)
+    x, y = torch.randn(6, 64), torch.randint(0, 10, (6,))
+    loss = torch.nn.functional.cross_entropy(loaded(x), y)
+    grads = dict(zip([n for n, _ in loaded.named_parameters()],
+                     torch.autograd.grad(loss, list(loaded.parameters()))))
+    return sal_path, x, y, float(loss.detach()), grads
+
+
+def test_cli_export_to_ort_training_gives_the_archive_gradients(files, capsys):
+    pytest.importorskip("onnxruntime.training", reason="onnxruntime-training: Python <= 3.11")
+    import numpy as np
+    from onnxruntime.training import api
+    sal_path, x, y, loss, grads = _archive_and_torch_grads(files, "--areas", "4", "--feedback",
+                                                           "dfa")
+    out = files / "artifacts"
+    assert _run("export", sal_path, "--to", "ort-training", "-o", out, "--optimizer", "sgd") == 0
+    state = api.CheckpointState.load_checkpoint(str(out / "checkpoint"))
+    module = api.Module(str(out / "training_model.onnx"), state, str(out / "eval_model.onnx"))
+    module.train()
+    assert float(module(x.numpy(), y.numpy())) == pytest.approx(loss, rel=1e-5)
+    got = {n: np.array(p.grad) for n, p in state.parameters}
+    assert got.keys() == grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(torch.from_numpy(got[n]), g, rtol=1e-4, atol=1e-6, msg=n)
+    capsys.readouterr()
+    assert _run("export", sal_path, "--to", "ort-training", "-o", out) == 2   # artifacts exist
+    assert "--force" in capsys.readouterr().err
+
+
+def test_cli_export_to_train_step_trains_like_torch_sgd(files, capsys):
+    sal_path, x, y, loss, grads = _archive_and_torch_grads(files, "--areas", "4")
+    step_path = files / "step.onnx"
+    assert _run("export", sal_path, "--to", "train-step", "-o", step_path, "--optimizer", "sgd",
+                "--lr", "0.1") == 0
+    loaded = salcompile.load(sal_path)
+    sess = salcompile.TrainStepSession(step_path, loaded.state_dict())
+    assert sess.step(x.numpy(), y.numpy()) == pytest.approx(loss, rel=1e-5)
+    trained = sess.state_dict()
+    for n, p in loaded.named_parameters():   # one SGD step: p - lr * (its SAL gradient)
+        torch.testing.assert_close(trained[n], p.detach() - 0.1 * grads[n], rtol=1e-4,
+                                   atol=1e-6, msg=n)
+    capsys.readouterr()
+    assert _run("export", sal_path, "--to", "train-step", "-o", step_path) == 2   # exists
+    assert "--force" in capsys.readouterr().err

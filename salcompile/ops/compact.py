@@ -1,0 +1,379 @@
+"""Compact (area-sorted) ops: the fused form of a region's area layers (DESIGN §2.5).
+
+passes/fuse_regions.py rewrites a region's chain of fast area_linear ops into these. The rows
+(samples or tokens) are sorted by area once, at region entry; every value inside the region is
+then held *compact*, in sorted row order:
+
+  BLOCK  partition layouts: [..., width/K], row t holds only its own area's block of the
+         full-width area-sparse activation (the other K-1 blocks are exactly 0 and not stored);
+  FULL   [..., width], whole rows in sorted order (the input of the region's first layer, the
+         outputs of replicate layers and of the exit layer that reads a block and writes a
+         dense output).
+
+Ops (the leading dims of x are kept; rows are the flattened leading dims):
+  region_sort(area, K) -> (order, sorted_area, offs)   stable argsort, the sorted rows' areas and
+         int32 cumulative counts, all on device (scatter_add_ + cumsum): no host sync.
+  sort_rows / unsort_rows          FULL <-> original order (a permutation; adjoint of each other).
+  gather_blocks / scatter_blocks   full-width area-sparse original order <-> BLOCK compact.
+  compact_linear(x, sorted_area, anchor, weight, bias, feedback, offs, K, mode, input_block,
+         match_norm): one grouped matmul over the sorted rows (torch.nn.functional.grouped_mm
+         where the dtype/device allow, else a per-area loop), the same modes, feedback and
+         gradients as areas.area_linear; its backward is compact_linear_backward, another opaque
+         op. Arguments 0-5 and the last one line up with area_linear's (strip_feedback edits
+         args[5] and args[-1] of both alike).
+
+Every shape is static (T x width/K), so the fake implementations need no data-dependent sizes and
+torch.compile(fullgraph=True) sees no break.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .fa import _TINY
+
+MODES = ("partition", "replicate", "dense")
+# Tests set this to exercise the per-area loop on dtypes grouped_mm would take.
+FORCE_LOOP = False
+
+
+# ---------------------------------------------------------------- routing
+@torch.library.custom_op("salcompile::region_sort", mutates_args=())
+def region_sort(area: Tensor, areas: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """area [...] int64 → (order [R] int64: stable sort of the flattened rows by area,
+    sorted_area [R] int64: area of each sorted row, offs [K] int32: cumulative row counts)."""
+    rows = area.reshape(-1)
+    order = torch.argsort(rows, stable=True)
+    counts = torch.zeros(areas, dtype=torch.int64, device=rows.device).scatter_add_(
+        0, rows, torch.ones_like(rows))
+    return order, rows.index_select(0, order), counts.cumsum(0).to(torch.int32)
+
+
+@region_sort.register_fake
+def _(area, areas):
+    n = area.numel()
+    return area.new_empty(n), area.new_empty(n), area.new_empty(areas, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------- layout changes
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _permute(x: Tensor, order: Tensor) -> Tensor:
+    return _rows(x).index_select(0, order).reshape(x.shape)
+
+
+def _unpermute(xs: Tensor, order: Tensor) -> Tensor:
+    r = _rows(xs)
+    return torch.empty_like(r).index_copy_(0, order, r).reshape(xs.shape)
+
+
+@torch.library.custom_op("salcompile::sort_rows", mutates_args=())
+def sort_rows(x: Tensor, order: Tensor) -> Tensor:
+    """x [..., F] in original row order → the same rows in sorted order (same shape)."""
+    return _permute(x, order)
+
+
+@sort_rows.register_fake
+def _(x, order):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("salcompile::unsort_rows", mutates_args=())
+def unsort_rows(xs: Tensor, order: Tensor) -> Tensor:
+    """Inverse of sort_rows."""
+    return _unpermute(xs, order)
+
+
+@unsort_rows.register_fake
+def _(xs, order):
+    return torch.empty_like(xs)
+
+
+def _save_order(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+sort_rows.register_autograd(
+    lambda ctx, g: (unsort_rows(g.contiguous(), ctx.saved_tensors[0]), None),
+    setup_context=_save_order)
+unsort_rows.register_autograd(
+    lambda ctx, g: (sort_rows(g.contiguous(), ctx.saved_tensors[0]), None),
+    setup_context=_save_order)
+
+
+def _flat_index(order: Tensor, sorted_area: Tensor, areas: int) -> Tensor:
+    """Row of a [R * K, width / K] view holding sorted row j's own block."""
+    return order * areas + sorted_area
+
+
+@torch.library.custom_op("salcompile::gather_blocks", mutates_args=())
+def gather_blocks(y: Tensor, order: Tensor, sorted_area: Tensor, areas: int) -> Tensor:
+    """y [..., W] (original order, area-sparse) → [..., W/K]: each row's own block, sorted."""
+    w = y.shape[-1] // areas
+    flat = _flat_index(order, sorted_area, areas)
+    return y.reshape(-1, w).index_select(0, flat).reshape(y.shape[:-1] + (w,))
+
+
+@gather_blocks.register_fake
+def _(y, order, sorted_area, areas):
+    return y.new_empty(y.shape[:-1] + (y.shape[-1] // areas,))
+
+
+@torch.library.custom_op("salcompile::scatter_blocks", mutates_args=())
+def scatter_blocks(ys: Tensor, order: Tensor, sorted_area: Tensor, areas: int) -> Tensor:
+    """Inverse of gather_blocks: [..., W/K] compact → [..., W] original order, zero outside
+    each row's block."""
+    w = ys.shape[-1]
+    rows = _rows(ys)
+    out = ys.new_zeros(rows.shape[0] * areas, w)
+    out.index_copy_(0, _flat_index(order, sorted_area, areas), rows)
+    return out.reshape(ys.shape[:-1] + (w * areas,))
+
+
+@scatter_blocks.register_fake
+def _(ys, order, sorted_area, areas):
+    return ys.new_empty(ys.shape[:-1] + (ys.shape[-1] * areas,))
+
+
+def _save_blocks(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.areas = inputs[3]
+
+
+gather_blocks.register_autograd(
+    lambda ctx, g: (scatter_blocks(g.contiguous(), *ctx.saved_tensors, ctx.areas), None, None,
+                    None),
+    setup_context=_save_blocks)
+scatter_blocks.register_autograd(
+    lambda ctx, g: (gather_blocks(g.contiguous(), *ctx.saved_tensors, ctx.areas), None, None,
+                    None),
+    setup_context=_save_blocks)
+
+
+# ---------------------------------------------------------------- grouped matmul
+def _aligned(t: Tensor) -> bool:
+    """grouped_mm's stride rule: the last two strides are (s, 1) or (1, s), s 16-byte aligned."""
+    a, b = t.stride()[-2:]
+    s = a if b == 1 else (b if a == 1 else None)
+    return s is not None and (s * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _grouped_ok(*ts: Tensor) -> bool:
+    if FORCE_LOOP:
+        return False
+    t = ts[0]
+    if t.device.type == "cpu":
+        ok = t.dtype in (torch.float32, torch.bfloat16)
+    elif t.device.type == "cuda":
+        ok = t.dtype == torch.bfloat16
+    else:
+        ok = False
+    return ok and all(x.numel() and _aligned(x) for x in ts)
+
+
+def _spans(offs: Tensor):
+    ends = offs.tolist()   # host sync: the per-area loop is the fallback path only
+    start = 0
+    for k, e in enumerate(ends):
+        if e > start:
+            yield k, start, e
+        start = e
+
+
+def _mm_rows(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """a [R, i] sorted rows, b [K, i, o] → [R, o]: rows of group k times b[k]."""
+    if a.shape[0] and _grouped_ok(a, b):
+        try:
+            return F.grouped_mm(a, b, offs=offs)
+        except RuntimeError:
+            pass
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    for k, s, e in _spans(offs):
+        torch.mm(a[s:e], b[k], out=out[s:e])
+    return out
+
+
+def _mm_groups(gt: Tensor, x: Tensor, offs: Tensor) -> Tensor:
+    """gt [o, R], x [R, i] → [K, o, i]: per group k, gt[:, rows k] @ x[rows k] (0 if empty)."""
+    k = offs.shape[0]
+    if x.shape[0] and _grouped_ok(gt, x):
+        try:
+            out = F.grouped_mm(gt, x, offs=offs)
+        except RuntimeError:
+            pass
+        else:
+            if out.device.type != "cpu":   # a GPU kernel may leave an empty group unwritten
+                counts = torch.diff(offs, prepend=offs.new_zeros(1))
+                out = out.masked_fill((counts == 0)[:, None, None], 0)
+            return out
+    out = x.new_zeros(k, gt.shape[0], x.shape[1])
+    for a, s, e in _spans(offs):
+        torch.mm(gt[:, s:e], x[s:e], out=out[a])
+    return out
+
+
+# ---------------------------------------------------------------- weight blocks
+def _check(x: Tensor, area: Tensor, weight: Tensor, bias: Optional[Tensor],
+           feedback: Optional[Tensor], areas: int, mode: str, input_block: bool) -> int:
+    """Validate; return the compact output width."""
+    if mode not in MODES:
+        raise ValueError(f"compact_linear: mode must be one of {MODES}, got {mode!r}")
+    if mode == "replicate" and input_block:
+        raise ValueError("compact_linear: input_block is not allowed with mode='replicate'")
+    if mode == "dense" and not input_block:
+        raise ValueError("compact_linear: mode='dense' needs input_block=True")
+    if feedback is not None and feedback.shape != weight.shape:
+        raise ValueError("compact_linear: feedback shape != weight shape")
+    if mode == "replicate":
+        if weight.dim() != 3 or weight.shape[0] != areas:
+            raise ValueError(f"compact_linear: replicate weight must be [{areas}, N, I]")
+        n, i = weight.shape[1:]
+    else:
+        if weight.dim() != 2:
+            raise ValueError("compact_linear: weight must be [N, I]")
+        n, i = weight.shape
+        if (mode == "partition" and n % areas) or (input_block and i % areas):
+            raise ValueError(f"compact_linear: widths {tuple(weight.shape)} not divisible by "
+                             f"areas={areas}")
+    want_in = i // areas if input_block else i
+    if x.shape[-1] != want_in:
+        raise ValueError(f"compact_linear: x has {x.shape[-1]} features, the layer reads "
+                         f"{want_in}")
+    if area.shape != (x.numel() // max(1, x.shape[-1]),) and x.numel():
+        raise ValueError("compact_linear: area must be [rows]")
+    want_b = (areas, n) if mode == "replicate" else (n,)
+    if bias is not None and tuple(bias.shape) != want_b:
+        raise ValueError(f"compact_linear: bias shape {tuple(bias.shape)} != {want_b}")
+    return n // areas if mode == "partition" else n
+
+
+def _stack(weight: Tensor, areas: int, mode: str, input_block: bool) -> Tensor:
+    """The K weight blocks as one [K, o, i] view (strided; matmuls read it in place)."""
+    w = weight.contiguous()
+    if mode == "replicate":
+        return w
+    n, i = w.shape
+    if mode == "partition" and not input_block:
+        return w.view(areas, n // areas, i)
+    if mode == "partition":   # the diagonal blocks: rows k, columns k
+        return torch.diagonal(w.view(areas, n // areas, areas, i // areas), 0, 0, 2) \
+            .permute(2, 0, 1)
+    return w.view(n, areas, i // areas).permute(1, 0, 2)   # dense: columns k
+
+
+def _unstack(gk: Tensor, weight: Tensor, areas: int, mode: str, input_block: bool) -> Tensor:
+    """Inverse of _stack for a gradient: [K, o, i] → weight's shape (zeros off the blocks)."""
+    if mode == "replicate":
+        return gk.contiguous()
+    n, i = weight.shape
+    if mode == "partition" and not input_block:
+        return gk.reshape(n, i)
+    if mode == "partition":
+        out = gk.new_zeros(n, i)
+        torch.diagonal(out.view(areas, n // areas, areas, i // areas), 0, 0, 2).copy_(
+            gk.permute(1, 2, 0))
+        return out
+    return gk.permute(1, 0, 2).reshape(n, i)
+
+
+def _row_bias(bias: Tensor, area: Tensor, areas: int, mode: str) -> Tensor:
+    if mode == "dense":
+        return bias
+    return bias.reshape(areas, -1).index_select(0, area)
+
+
+# ---------------------------------------------------------------- compact linear
+@torch.library.custom_op("salcompile::compact_linear", mutates_args=())
+def compact_linear(x: Tensor, area: Tensor, anchor: Tensor, weight: Tensor,
+                   bias: Optional[Tensor], feedback: Optional[Tensor], offs: Tensor, areas: int,
+                   mode: str, input_block: bool, match_norm: bool) -> Tensor:
+    """x [..., I or I/K] sorted rows (input_block: each row's own block) → [..., o] sorted rows,
+    o = N/K (partition: the row's own output block) or N (replicate, dense)."""
+    o = _check(x, area, weight, bias, feedback, areas, mode, input_block)
+    x2 = _rows(x)
+    y = _mm_rows(x2, _stack(weight, areas, mode, input_block).transpose(1, 2), offs)
+    if bias is not None:
+        y.add_(_row_bias(bias, area, areas, mode))   # y is fresh: no extra [rows, o] buffer
+    return y.contiguous().reshape(x.shape[:-1] + (o,))
+
+
+@compact_linear.register_fake
+def _(x, area, anchor, weight, bias, feedback, offs, areas, mode, input_block, match_norm):
+    o = _check(x, area, weight, bias, feedback, areas, mode, input_block)
+    return x.new_empty(x.shape[:-1] + (o,))
+
+
+@torch.library.custom_op("salcompile::compact_linear_backward", mutates_args=())
+def compact_linear_backward(grad: Tensor, x: Tensor, area: Tensor, offs: Tensor, weight: Tensor,
+                            feedback: Optional[Tensor], has_bias: bool, areas: int, mode: str,
+                            input_block: bool, match_norm: bool, need_x: bool, need_w: bool,
+                            need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); an output that is not needed comes back as an empty tensor."""
+    g2 = _rows(grad).contiguous()
+    x2 = _rows(x)
+    gx = gw = gb = None
+    if need_x:
+        wk = _stack(weight, areas, mode, input_block)
+        bk = wk if feedback is None else _stack(feedback, areas, mode, input_block)
+        gx = _mm_rows(g2, bk, offs)
+        if feedback is not None and match_norm:
+            # per-area ‖W_k‖/‖B_k‖ (fa.rescale); contiguous first: reducing the strided block
+            # views in place is 2-3x slower than copying them
+            scale = torch.linalg.vector_norm(wk.contiguous(), dim=(1, 2)) / \
+                torch.linalg.vector_norm(bk.contiguous(), dim=(1, 2)).clamp_min(_TINY)
+            gx.mul_(scale.to(gx.dtype).index_select(0, area).unsqueeze(1))
+        gx = gx.reshape(x.shape)
+    if need_w:
+        gw = _unstack(_mm_groups(g2.t(), x2, offs), weight, areas, mode, input_block)
+    if need_b and has_bias:
+        if mode == "dense":   # column sums as a matrix-vector product (faster than sum(0))
+            gb = g2.new_ones(1, g2.shape[0]).mm(g2).reshape(-1)
+        else:   # per-area column sums of the sorted rows: one grouped matmul with a ones column
+            ones = g2.new_ones(g2.shape[0], max(1, 16 // g2.element_size()))
+            gb = _mm_groups(g2.t(), ones, offs)[..., 0]
+            gb = gb.reshape(-1) if mode == "partition" else gb.contiguous()
+    # Outputs that are not needed: distinct empty tensors (custom op outputs may not alias).
+    # Contiguous, as the fake implementation promises (grouped_mm may pad its output's rows).
+    return (gx.contiguous() if gx is not None else x.new_empty(0),
+            gw.contiguous() if gw is not None else weight.new_empty(0),
+            gb.contiguous() if gb is not None else weight.new_empty(0))
+
+
+def _bias_shape(weight: Tensor, mode: str):
+    return weight.shape[:2] if mode == "replicate" else weight.shape[:1]
+
+
+@compact_linear_backward.register_fake
+def _(grad, x, area, offs, weight, feedback, has_bias, areas, mode, input_block, match_norm,
+      need_x, need_w, need_b):
+    return (x.new_empty(x.shape if need_x else (0,)),
+            weight.new_empty(weight.shape if need_w else (0,)),
+            weight.new_empty(_bias_shape(weight, mode) if need_b and has_bias else (0,)))
+
+
+def _compact_setup(ctx, inputs, output):
+    x, area, anchor, weight, bias, feedback, offs, areas, mode, input_block, match_norm = inputs
+    ctx.save_for_backward(x, area, anchor, weight, feedback, offs)
+    ctx.has_bias = bias is not None
+    ctx.params = (areas, mode, input_block, match_norm)
+
+
+def _compact_backward(ctx, grad):
+    x, area, anchor, weight, feedback, offs = ctx.saved_tensors
+    need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
+    need_b = need_b and ctx.has_bias
+    gx = gw = gb = None
+    if need_x or need_w or need_b:
+        gx, gw, gb = torch.ops.salcompile.compact_linear_backward(
+            grad, x, area, offs, weight, feedback, ctx.has_bias, *ctx.params, need_x, need_w,
+            need_b)
+    return (gx if need_x else None, None, torch.zeros_like(anchor), gw if need_w else None,
+            gb if need_b else None, None, None, None, None, None, None)
+
+
+compact_linear.register_autograd(_compact_backward, setup_context=_compact_setup)
