@@ -19,7 +19,6 @@ Parameter and buffer names are kept: the ONNX initializers carry the module's st
 """
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 import warnings
