@@ -115,10 +115,12 @@ def _chains(gm: fx.GraphModule, layers: List[LayerSpec]) -> List[List[LayerSpec]
     return list(groups.values())
 
 
-def _route(spec: LayerSpec, config: SALConfig):
+def _route(gm: fx.GraphModule, spec: LayerSpec, config: SALConfig):
     """(route_by, φ, features) for a gate reading `spec`'s input."""
     v = _val(spec.x)
-    w_shape = tuple(spec.weight.meta["val"].shape) if _val(spec.weight) is not None else None
+    # without shape metadata (symbolic_trace) the parameter itself gives the input width
+    w_shape = (tuple(spec.weight.meta["val"].shape) if _val(spec.weight) is not None
+               else tuple(gm.get_parameter(spec.param).shape))
     if _is_conv(spec):
         if config.route_by == "token":
             raise SalcompileError(f"route_by='token' needs sequence activations; layer {spec.param} "
@@ -178,7 +180,7 @@ def find_regions(gm: fx.GraphModule, specs: List[LayerSpec], plan, tracer: Weigh
             group = group[:-1]  # the chain's last layer reads the area block (an exit)
         for s in group:
             _check_width(entries[s.node], config)
-        route_by, phi, features = _route(group[0], config)
+        route_by, phi, features = _route(gm, group[0], config)
         regions.append(Region(name, group, group[0].x, route_by, phi, features))
     _assign(gm, specs, plan, regions, eligible, config)
     return regions

@@ -228,3 +228,17 @@ def test_block_gain_keeps_deep_partition_activations_at_the_dense_scale():
     shrunk = salcompile.transform(model, (x,), areas=16, input_block_gain="none")(x).std() / dense
     assert 0.2 < kept < 5 and shrunk < 1e-6
     assert torch.equal(model.layers[1].weight, before)  # the caller's model is left alone
+
+
+def test_areas_without_example_inputs_equal_the_exported_capture():
+    """symbolic_trace leaves no shapes: the gate's width comes from the layer's parameter."""
+    torch.manual_seed(0)
+    from salcompile.models import MLP
+    model = MLP(8, 16, 3, depth=3)
+    x = torch.randn(9, 8)
+    traced = salcompile.transform(model, areas=4)
+    exported = salcompile.transform(model, (x[:2],), areas=4)
+    traced.load_state_dict(exported.state_dict())
+    torch.testing.assert_close(traced(x), exported(x))
+    traced(x).sum().backward()
+    assert traced.get_parameter("layers.0.weight").grad.abs().sum() > 0
