@@ -28,26 +28,6 @@ import salcompile
 from salcompile import models
 from salcompile.files import atomic_write_text
 
-MODES = {
-    "bp": dict(feedback="bp", areas=1),
-    "fa": dict(feedback="fa", areas=1),
-    "dfa": dict(feedback="dfa", areas=1),
-    "sal-partition": dict(feedback="fa", areas=4, area_mode="partition"),
-    "sal-replicate": dict(feedback="fa", areas=4, area_mode="replicate"),
-}
-
-
-def transformed(name: str, mode: str, batch: int = 3):
-    entry = models.REGISTRY[name]
-    torch.manual_seed(0)
-    model = models.build(name, **entry.tiny)
-    x = models.example_input(name, batch=batch, **entry.tiny)
-    cfg = {**entry.sal, **MODES[mode]}
-    if MODES[mode]["areas"] == 1:
-        cfg.pop("area_mode", None)
-        cfg.pop("gate_layers", None)
-    return salcompile.transform(model, (x,), **cfg), x
-
 
 def loss_grads(module, sal, x):
     out = module(x)
@@ -63,7 +43,7 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_case(name: str, mode: str) -> dict:
-    sal, x = transformed(name, mode)
+    sal, x = models.smoke_case(name, mode)
     out, eager = loss_grads(sal, sal, x)
     torch._dynamo.reset()
     breaks = torch._dynamo.explain(sal)(x).graph_break_count
@@ -80,7 +60,7 @@ def run_case(name: str, mode: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(models.REGISTRY))
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(models.MODES))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -25,7 +25,8 @@ from .cnn import BasicBlock, LeNet5, ResNet20
 from .mlp import MLP, DeepMLP
 from .transformer import GPT, Block, ViT
 
-__all__ = ["ModelEntry", "REGISTRY", "build", "example_input", "ModelArgumentError",
+__all__ = ["ModelEntry", "REGISTRY", "MODES", "build", "example_input", "smoke_case",
+           "ModelArgumentError",
            "MLP", "DeepMLP", "LeNet5", "ResNet20", "BasicBlock", "ViT", "GPT", "Block"]
 
 
@@ -155,6 +156,29 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     """A fresh model from the zoo; `kwargs` override the factory's defaults (see REGISTRY)."""
     _bind(name, kwargs)
     return _entry(name).factory(**kwargs)
+
+
+# named SAL settings every zoo model is checked under (tests/test_compile_zoo.py,
+# benchmarks/compile_zoo.py); SAL modes use K=4 so the tiny versions divide
+MODES: Dict[str, Dict[str, Any]] = {
+    "bp": dict(feedback="bp", areas=1),
+    "fa": dict(feedback="fa", areas=1),
+    "dfa": dict(feedback="dfa", areas=1),
+    "sal-partition": dict(feedback="fa", areas=4, area_mode="partition"),
+    "sal-replicate": dict(feedback="fa", areas=4, area_mode="replicate"),
+}
+
+
+def smoke_case(name: str, mode: str, batch: int = 3):
+    """(the tiny version of zoo model `name` transformed under MODES[mode], an example batch);
+    the entry's own SAL overrides apply to the SAL modes."""
+    import salcompile
+    entry = _entry(name)
+    torch.manual_seed(0)
+    model = build(name, **entry.tiny)
+    x = example_input(name, batch=batch, **entry.tiny)
+    cfg = dict(MODES[mode]) if MODES[mode]["areas"] == 1 else {**entry.sal, **MODES[mode]}
+    return salcompile.transform(model, (x,), **cfg), x
 
 
 def example_input(name: str, batch: int = 2, **kwargs: Any) -> torch.Tensor:

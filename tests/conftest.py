@@ -121,3 +121,18 @@ def dense_transform(*args, **kwargs):
     import salcompile
     kwargs.setdefault("areas", 1)
     return salcompile.transform(*args, **kwargs)
+
+
+class BNCNN(nn.Module):
+    """conv - batch norm - relu - conv - relu - linear, for 3x6x6 inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c1(x)))
+        return self.fc(torch.relu(self.c2(h)).flatten(1))

@@ -12,29 +12,6 @@ import torch.nn.functional as F
 import salcompile
 from salcompile import models
 
-MODES = {
-    "bp": dict(feedback="bp", areas=1),
-    "fa": dict(feedback="fa", areas=1),
-    "dfa": dict(feedback="dfa", areas=1),
-    "sal-partition": dict(feedback="fa", areas=4, area_mode="partition"),
-    "sal-replicate": dict(feedback="fa", areas=4, area_mode="replicate"),
-}
-
-
-TINY = {name: entry.tiny for name, entry in models.REGISTRY.items()}   # small versions
-
-
-def transformed(name, mode, batch=3):
-    entry = models.REGISTRY[name]
-    torch.manual_seed(0)
-    model = models.build(name, **TINY[name])
-    x = models.example_input(name, batch=batch, **TINY[name])
-    cfg = {**entry.sal, **MODES[mode]}
-    if mode in ("bp", "fa", "dfa"):
-        cfg.pop("area_mode", None)
-        cfg.pop("gate_layers", None)
-    return salcompile.transform(model, (x,), **cfg), x
-
 
 def loss_grads(module, sal, x):
     out = module(x)
@@ -45,10 +22,10 @@ def loss_grads(module, sal, x):
                                   torch.autograd.grad(loss, params, allow_unused=True)))
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("mode", list(models.MODES))
+@pytest.mark.parametrize("name", list(models.REGISTRY))
 def test_zoo_compiles_fullgraph_with_the_eager_gradients(name, mode):
-    sal, x = transformed(name, mode)
+    sal, x = models.smoke_case(name, mode)
     out, eager = loss_grads(sal, sal, x)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(sal)(x)

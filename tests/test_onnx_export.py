@@ -14,19 +14,7 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
 from salcompile.onnx_export import export_onnx, inference_graph  # noqa: E402
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * 6 * 6, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.bn(self.c1(x)))
-        return self.fc(torch.relu(self.c2(h)).flatten(1))
+from conftest import BNCNN  # noqa: E402
 
 
 class Encoder(nn.Module):
@@ -48,7 +36,7 @@ def _mlp(**fields):
 def _cnn():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 6, 6)
-    sal = salcompile.transform(SmallCNN(), (x,), areas=4)
+    sal = salcompile.transform(BNCNN(), (x,), areas=4)
     sal.train()
     with torch.no_grad():   # non-trivial running statistics for the eval-mode batch norm
         sal(torch.randn(8, 3, 6, 6) * 2 + 1)

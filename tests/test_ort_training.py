@@ -18,6 +18,7 @@ pytest.importorskip("onnxscript")
 api = pytest.importorskip("onnxruntime.training.api")
 
 from salcompile.ort_training import ARTIFACTS, export_ort_training  # noqa: E402
+from conftest import BNCNN  # noqa: E402
 
 
 def _mlp(**fields):
@@ -171,21 +172,6 @@ def test_mse_and_weight_chain_mirrored(tmp_path, data):
 from salcompile.models.transformer import Block  # noqa: E402
 
 
-class SmallCNN(nn.Module):
-    """conv - batch norm (train mode: batch statistics) - relu - conv - relu - linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * 6 * 6, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.bn(self.c1(x)))
-        return self.fc(torch.relu(self.c2(h)).flatten(1))
-
-
 class TinyEncoder(nn.Module):
     """One pre-norm transformer block (attention + LayerNorm + GELU MLP), final LayerNorm, mean
     pool over tokens, linear head."""
@@ -203,7 +189,7 @@ class TinyEncoder(nn.Module):
 # name -> (model, example shape, classes, transform fields)
 ZOO = {
     "mlp": (lambda: MLP(16, 32, 4, depth=3), (16,), 4, {"areas": 1}),
-    "cnn_bn": (SmallCNN, (3, 6, 6), 3, {"areas": 1}),
+    "cnn_bn": (BNCNN, (3, 6, 6), 3, {"areas": 1}),
     "encoder": (TinyEncoder, (5, 16), 3, {"areas": 1}),
     "sal16": (lambda: MLP(32, 64, 4, depth=3), (32,), 4, {"areas": 16}),
 }
