@@ -114,6 +114,9 @@ def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance-weight", type=float, default=d.balance_weight)
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--area-impl", choices=AREA_IMPLS, default=d.area_impl)
+    p.add_argument("--no-fuse-regions", dest="fuse_regions", action="store_false",
+                   help="keep one self-contained area op per layer instead of running each "
+                        "region's layers in area-sorted compact form")
     p.add_argument("--input-block-gain", choices=BLOCK_GAINS, default=d.input_block_gain,
                    help="fan_in: scale layers that read an area block by sqrt(K) (keeps "
                         "activations from shrinking with depth)")
@@ -130,7 +133,8 @@ def config_from(args) -> SALConfig:
                      route_dim=args.route_dim, gate_layers=gate_layers,
                      routing_seed=args.routing_seed, balance_weight=args.balance_weight,
                      temperature=args.temperature, area_impl=args.area_impl,
-                     input_block_gain=args.input_block_gain, check_finite=args.check_finite)
+                     fuse_regions=args.fuse_regions, input_block_gain=args.input_block_gain,
+                     check_finite=args.check_finite)
 
 
 def _shape(text: Optional[str]):

@@ -262,3 +262,15 @@ def test_cli_export_to_train_step_trains_like_torch_sgd(files, capsys):
     capsys.readouterr()
     assert _run("export", sal_path, "--to", "train-step", "-o", step_path) == 2   # exists
     assert "--force" in capsys.readouterr().err
+
+
+def test_every_salconfig_field_has_a_cli_option():
+    import dataclasses
+    import argparse
+    from salcompile.cli import config_args, config_from
+    p = argparse.ArgumentParser()
+    config_args(p)
+    assert {f.name for f in dataclasses.fields(salcompile.SALConfig)} <= \
+        {a.dest for a in p._actions}
+    assert config_from(p.parse_args([])) == salcompile.SALConfig()
+    assert config_from(p.parse_args(["--no-fuse-regions"])).fuse_regions is False
