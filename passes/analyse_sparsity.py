@@ -35,19 +35,20 @@ class SparseState:
 # f(0) = 0, applied elementwise.
 _ZERO_PRESERVING_ATEN = {
     "relu", "relu_", "gelu", "silu", "tanh", "leaky_relu", "hardtanh", "relu6", "elu", "mish",
-    "hardswish", "dropout", "native_dropout", "feature_dropout", "alpha_dropout", "clone",
+    "hardswish", "dropout", "native_dropout", "feature_dropout", "clone",
     "detach", "alias", "neg", "abs", "_to_copy", "contiguous", "sin", "sgn", "sign", "square",
 }
 _ZERO_PRESERVING_FUNCTIONS = {
     F.relu, torch.relu, F.gelu, F.silu, torch.tanh, F.tanh, F.leaky_relu, F.hardtanh, F.relu6,
-    F.elu, F.mish, F.hardswish, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.elu, F.mish, F.hardswish, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
     torch.neg, torch.abs, operator.neg,
 }
 _ZERO_PRESERVING_METHODS = {"relu", "tanh", "neg", "abs", "clone", "detach", "contiguous", "float",
                             "double", "half", "bfloat16", "to"}
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6,
                             nn.ELU, nn.Mish, nn.Hardswish, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                            nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+                            nn.Dropout3d, nn.Identity)
+# alpha dropout is not here: it maps 0 to a non-zero value in training.
 # Pool each channel over space: channel sparsity survives.
 _CHANNEL_LOCAL_ATEN_PREFIXES = ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool",
                                 "_adaptive_avg_pool")
@@ -70,8 +71,23 @@ def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
+def _hardtanh_bounds(gm: fx.GraphModule, node: fx.Node):
+    """(min_val, max_val) of a hardtanh node, or None if it is not one."""
+    mod = _module(gm, node)
+    if isinstance(mod, nn.Hardtanh):
+        return mod.min_val, mod.max_val
+    if _aten_name(node) in ("hardtanh", "hardtanh_") or (
+            node.op == "call_function" and node.target is F.hardtanh):
+        args = list(node.args[1:3]) + [-1.0, 1.0][len(node.args[1:3]):]
+        return node.kwargs.get("min_val", args[0]), node.kwargs.get("max_val", args[1])
+    return None
+
+
 def zero_preserving(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An elementwise op of one tensor with f(0)=0 (activation, dropout, scaling by a number)."""
+    bounds = _hardtanh_bounds(gm, node)
+    if bounds is not None:   # clamps 0 to min_val or max_val unless min_val <= 0 <= max_val
+        return all(isinstance(b, (int, float)) for b in bounds) and bounds[0] <= 0 <= bounds[1]
     name = _aten_name(node)
     if name is not None:
         if name in _ZERO_PRESERVING_ATEN:

@@ -125,12 +125,18 @@ def _op_name(gm: fx.GraphModule, n: fx.Node) -> str:
     return str(getattr(t, "__name__", t)).lower()
 
 
+def _is_training_flag(a: fx.Node) -> bool:
+    """The module's `self.training`, read by dropout (see passes/follow_training_mode.py)."""
+    return a.op == "get_attr" and a.target == "training"
+
+
 def _passthrough(gm: fx.GraphModule, n: fx.Node) -> bool:
     """An op of one tensor applied elementwise with f(0)=0: valid on a compact value."""
     if n.op not in ("call_function", "call_method", "call_module") or not n.args \
             or not isinstance(n.args[0], fx.Node):
         return False
-    if any(isinstance(a, fx.Node) for a in list(n.args[1:]) + list(n.kwargs.values())):
+    if any(isinstance(a, fx.Node) and not _is_training_flag(a)
+           for a in list(n.args[1:]) + list(n.kwargs.values())):
         return False
     if n.target is ops.check_finite.default:
         return True

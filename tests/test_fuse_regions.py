@@ -271,3 +271,71 @@ def test_region_sort_no_rows_and_opcheck():
     opcheck(ops.compact_linear, (torch.randn(12, 8, requires_grad=True), sarea,
                                  torch.zeros((), requires_grad=True), w32, b32,
                                  torch.randn(12, 8), offs, 3, "partition", False, True))
+
+
+# ---------------------------------------------------------------- regressions found in review
+def test_layout_ops_fake_strides_match_on_permuted_inputs():
+    """sort_rows/unsort_rows return contiguous tensors; their fake kernels must say so (inductor
+    asserts the strides), also for a permuted input such as a token-mixing MLP's x.transpose."""
+    area = torch.randint(0, 3, (4, 5), generator=torch.Generator().manual_seed(0))
+    order, _, _ = ops.region_sort(area, 3)
+    x = torch.randn(5, 4, 6, requires_grad=True).transpose(0, 1)
+    for op in (ops.sort_rows, ops.unsort_rows):
+        torch.library.opcheck(op, (x, order))
+
+
+def test_in_place_activation_after_an_area_layer_trains():
+    """Area ops return fresh tensors, not views: nn.ReLU(inplace=True) after them works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 16),
+                          nn.ReLU(inplace=True), nn.Linear(16, 3)).double()
+    x = torch.randn(9, 8, dtype=D)
+    mods = {name: salcompile.transform(copy.deepcopy(model), areas=4, **kw)
+            for name, kw in (("reference", dict(area_impl="reference")),
+                             ("fast", dict(fuse_regions=False)), ("fused", {}))}
+    got = {name: grads(m, x) for name, m in mods.items()}
+    for name in ("fast", "fused"):
+        assert_grads_equal(got[name], got["reference"], rtol=1e-10, atol=1e-12)
+
+
+class _ClampedRegion(nn.Module):
+    """hardtanh(h, 0.5, 1) maps 0 to 0.5: not block-sparse, and read outside the region too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.nn.functional.hardtanh(self.a(x), 0.5, 1.0)
+        return self.c(torch.relu(self.b(h))) + h.sum(-1, keepdim=True)
+
+
+def test_ops_that_move_zero_do_not_stay_compact():
+    torch.manual_seed(0)
+    x = torch.randn(9, 8, dtype=D)
+    mods = _variants(_ClampedRegion().double(), x, areas=4)
+    ref = mods["reference"](x)
+    for name in ("fast", "fused"):
+        torch.testing.assert_close(mods[name](x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_stays_compact():
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 32),
+                          nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 3))
+    sal = salcompile.transform(model, (torch.randn(4, 8),), areas=4)
+    targets = [n.target for n in sal.graph.nodes if n.op == "call_function"]
+    assert targets.count(ops.compact_linear.default) == 3
+    assert ops.gather_blocks.default not in targets and ops.scatter_blocks.default not in targets
+    sal.eval()   # eval: dropout is the identity, so the fused model equals the reference
+    ref = salcompile.transform(model, (torch.randn(4, 8),), areas=4, area_impl="reference").eval()
+    x = torch.randn(7, 8)
+    torch.testing.assert_close(sal(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_mm_needs_16_byte_aligned_group_starts():
+    """CUDA's grouped_mm reads group k at base + k*stride(0): bf16 weight blocks 8 bytes apart (a
+    [64, 8] weight split into 16 column blocks of 4) must take the per-area loop instead."""
+    w = torch.zeros(8, 64, dtype=torch.bfloat16)
+    blocks = w.view(8, 16, 4).permute(1, 0, 2)              # [16, 8, 4], strides (4, 64, 1)
+    assert blocks.stride() == (4, 64, 1) and not compact._aligned(blocks)
+    assert compact._aligned(torch.zeros(16, 8, 8, dtype=torch.bfloat16))   # groups 128 B apart

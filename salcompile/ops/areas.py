@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fa import _TINY
+from .fa import _TINY, _fresh
 
 MODES = ("partition", "replicate", "dense")
 
@@ -259,7 +259,7 @@ def area_linear(x: Tensor, area: Tensor, anchor: Tensor, weight: Tensor, bias: O
                       lambda xk, w, b, g: F.linear(xk, w, b))
     if y is None:
         y = x.new_zeros(0, n_out)
-    return y.reshape(x.shape[:-1] + (n_out,))
+    return _fresh(y.reshape(x.shape[:-1] + (n_out,)))
 
 
 @area_linear.register_fake

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fa import _TINY
+from .fa import _TINY, _fresh
 
 MODES = ("partition", "replicate", "dense")
 # Tests set this to exercise the per-area loop on dtypes grouped_mm would take.
@@ -64,12 +64,12 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def _permute(x: Tensor, order: Tensor) -> Tensor:
-    return _rows(x).index_select(0, order).reshape(x.shape)
+    return _fresh(_rows(x).index_select(0, order).reshape(x.shape))
 
 
 def _unpermute(xs: Tensor, order: Tensor) -> Tensor:
     r = _rows(xs)
-    return torch.empty_like(r).index_copy_(0, order, r).reshape(xs.shape)
+    return _fresh(torch.empty_like(r).index_copy_(0, order, r).reshape(xs.shape))
 
 
 @torch.library.custom_op("salcompile::sort_rows", mutates_args=())
@@ -80,7 +80,7 @@ def sort_rows(x: Tensor, order: Tensor) -> Tensor:
 
 @sort_rows.register_fake
 def _(x, order):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)   # contiguous, like the real output (not x's strides)
 
 
 @torch.library.custom_op("salcompile::unsort_rows", mutates_args=())
@@ -91,7 +91,7 @@ def unsort_rows(xs: Tensor, order: Tensor) -> Tensor:
 
 @unsort_rows.register_fake
 def _(xs, order):
-    return torch.empty_like(xs)
+    return xs.new_empty(xs.shape)
 
 
 def _save_order(ctx, inputs, output):
@@ -116,7 +116,7 @@ def gather_blocks(y: Tensor, order: Tensor, sorted_area: Tensor, areas: int) -> 
     """y [..., W] (original order, area-sparse) → [..., W/K]: each row's own block, sorted."""
     w = y.shape[-1] // areas
     flat = _flat_index(order, sorted_area, areas)
-    return y.reshape(-1, w).index_select(0, flat).reshape(y.shape[:-1] + (w,))
+    return _fresh(y.reshape(-1, w).index_select(0, flat).reshape(y.shape[:-1] + (w,)))
 
 
 @gather_blocks.register_fake
@@ -132,7 +132,7 @@ def scatter_blocks(ys: Tensor, order: Tensor, sorted_area: Tensor, areas: int) -
     rows = _rows(ys)
     out = ys.new_zeros(rows.shape[0] * areas, w)
     out.index_copy_(0, _flat_index(order, sorted_area, areas), rows)
-    return out.reshape(ys.shape[:-1] + (w * areas,))
+    return _fresh(out.reshape(ys.shape[:-1] + (w * areas,)))
 
 
 @scatter_blocks.register_fake
@@ -160,7 +160,10 @@ def _aligned(t: Tensor) -> bool:
     """grouped_mm's stride rule: the last two strides are (s, 1) or (1, s), s 16-byte aligned."""
     a, b = t.stride()[-2:]
     s = a if b == 1 else (b if a == 1 else None)
-    return s is not None and (s * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    # a 3-D operand's groups start stride(0) apart: CUDA's kernel (TMA) needs those 16-byte
+    # aligned too, which torch's own checks do not look at
+    group = t.dim() < 3 or (t.stride(0) * t.element_size()) % 16 == 0
+    return s is not None and (s * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 and group
 
 
 def _grouped_ok(*ts: Tensor) -> bool:
@@ -299,7 +302,7 @@ def compact_linear(x: Tensor, area: Tensor, anchor: Tensor, weight: Tensor,
     y = _mm_rows(x2, _stack(weight, areas, mode, input_block).transpose(1, 2), offs)
     if bias is not None:
         y.add_(_row_bias(bias, area, areas, mode))   # y is fresh: no extra [rows, o] buffer
-    return y.contiguous().reshape(x.shape[:-1] + (o,))
+    return _fresh(y.contiguous().reshape(x.shape[:-1] + (o,)))
 
 
 @compact_linear.register_fake

@@ -16,6 +16,12 @@ from torch import Tensor
 _TINY = 1e-12
 
 
+def _fresh(t: Tensor) -> Tensor:
+    """A custom op's output must not be a view (of the op's own temporary): an in-place op after
+    it, such as nn.ReLU(inplace=True), would fail in autograd. detach() drops the view link only."""
+    return t.detach() if t._is_view() else t
+
+
 def rescale(grad_input: Tensor, feedback: Tensor, weight: Tensor, match_norm: bool) -> Tensor:
     """With match_norm, the input gradient computed with B becomes the one computed with
     B·‖W‖/‖B‖. The ops are linear in B, so the scalar is applied to the (smaller) gradient
