@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import salcompile
+from salcompile.files import atomic_write_text
 from salcompile.models import DeepMLP
 
 TARGETS_CPU = {  # the issue's targets, ratio of median step time to dense BP eager (memory: peak)
@@ -419,32 +420,41 @@ def run_benchmark(args):
 
 # ---------------------------------------------------------------- --billion
 def run_billion(args):
+    """--billion on CUDA in bf16; with --smoke, the same code on the CPU with the zoo entry's tiny
+    version in float32 (a check of this script, not a result)."""
     from salcompile.models import REGISTRY, build
-    if not torch.cuda.is_available():
-        sys.exit("--billion needs CUDA")
-    device = torch.device("cuda")
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("--billion needs CUDA (--smoke runs the tiny version on the CPU)")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
     entry = REGISTRY["replicate-1b"]
-    rows, steps = args.rows or 16384, args.steps
-    din = entry.input_shape[0]
-    x = torch.randn(rows, din, device=device, dtype=torch.bfloat16)
-    proj = torch.randn(din, 1024, device=device, dtype=torch.bfloat16)
-    y = (x @ proj).argmax(1)  # a learnable synthetic task: 1024 classes
-    lines = ["# replicate-1b: SAL replicate K=16 (>= 1 B params) vs the same model with areas=1, bf16 CUDA", "",
+    kwargs = entry.tiny if args.smoke else {}
+    rows, steps = args.rows or (16384 if cuda else 64), args.steps
+    din = kwargs.get("in_features", entry.input_shape[0])
+    classes = kwargs.get("num_classes", 1024)
+    x = torch.randn(rows, din, device=device, dtype=dtype)
+    proj = torch.randn(din, classes, device=device, dtype=dtype)
+    y = (x @ proj).argmax(1)  # a learnable synthetic task
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dev_name = torch.cuda.get_device_name(device) if cuda else "cpu (--smoke: tiny model)"
+    lines = [f"# replicate-1b: SAL replicate K=16 (>= 1 B params) vs the same model with areas=1, {dtype} {device.type}", "",
              f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-             f"- torch {torch.__version__}, device {torch.cuda.get_device_name(device)}, {rows} rows, "
-             f"{steps} SGD steps (lr {args.lr}), labels = argmax(x @ fixed random 1024x1024)",
+             f"- torch {torch.__version__}, device {dev_name}, {rows} rows, "
+             f"{steps} SGD steps (lr {args.lr}), labels = argmax(x @ fixed random {din}x{classes})",
              f"- REGISTRY['replicate-1b'].sal = {entry.sal}", "",
              "| variant | params | loss step 1 | loss last | median ms/step | peak GiB | transform s | note |",
              "|---|---|---|---|---|---|---|---|"]
     for label, sal_kw in (("dense, FA, areas=1 (same active size)", dict(areas=1)),
                           ("SAL replicate K=16, FA", dict(entry.sal))):
         try:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
             with torch.device(device):
-                model = build("replicate-1b")
-            model = model.to(torch.bfloat16)
+                model = build("replicate-1b", **kwargs)
+            model = model.to(dtype)
             t0 = time.perf_counter()
             sal = salcompile.transform(model, (x[:8],), **sal_kw)
             del model
@@ -454,19 +464,19 @@ def run_billion(args):
             opt = torch.optim.SGD(sal.parameters(), lr=args.lr)
             losses, times = [], []
             for i in range(steps):
-                torch.cuda.synchronize()
+                sync()
                 t1 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(sal(x), y)
                 loss.backward()
                 opt.step()
-                torch.cuda.synchronize()
+                sync()
                 times.append(time.perf_counter() - t1)
                 losses.append(loss.item())
                 if i % 10 == 0 or i == steps - 1:
                     print(f"{label} step {i + 1}: loss {losses[-1]:.4f} ({times[-1] * 1e3:.1f} ms)", flush=True)
             med = statistics.median(times[3:] if len(times) > 5 else times) * 1e3
-            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
             lines.append(f"| {label} | {n:,} | {losses[0]:.4f} | {losses[-1]:.4f} | {med:.1f} | {peak:.1f} | "
                          f"{t_tr:.1f} | |")
             del sal, opt
@@ -477,7 +487,7 @@ def run_billion(args):
     print(text)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / "step_time_billion.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write_text(out, text)
     print(f"wrote {out}")
 
 
@@ -493,6 +503,8 @@ def main() -> None:
                     help="seconds: variants/rounds/extras not started past this are reported as skipped")
     ap.add_argument("--out", default=None, help="results markdown path")
     ap.add_argument("--billion", action="store_true", help="the >= 1 B parameter replicate run (CUDA)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="--billion's code on the CPU with the tiny model (checks the script)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--lr", type=float, default=0.05)
     args = ap.parse_args()

@@ -34,8 +34,8 @@ Feedback buffers, prototypes and other buffers are constants of the training gra
 Limits (each raises a SalcompileError saying what to do): the module must return one tensor
 (the loss is attached to it: 'cross_entropy' = mean softmax cross-entropy over int64 labels
 [batch], 'mse' = mean squared error); a weight may not feed both an FA layer and a backprop
-fallback layer; ops with no ONNX form (e.g. fused region ops of a newer pipeline) need
-transform(..., area_impl="reference"). Batch norm trains with batch statistics but ORT cannot
+fallback layer; an op with no ONNX form is refused naming it (fused regions are unfused into
+area ops first, so transformed models export as they are). Batch norm trains with batch statistics but ORT cannot
 write buffers back, so running statistics are not updated: eval_model.onnx normalises with batch
 statistics as well. Dropout is active in the training model (ORT's own random masks, so only
 p=0 reproduces torch bit for bit) and off in eval_model.onnx. check_finite guards and routing
