@@ -13,11 +13,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
 
-def _pair(device, dtype, mode, feedback="fa", rows=37):
+def _pair(device, dtype, mode, feedback="fa", rows=37, width=32, areas=4):
     torch.manual_seed(0)
-    model = DeepMLP(16, 32, 8, depth=4).to(device=device, dtype=dtype)
+    model = DeepMLP(16, width, 8, depth=4).to(device=device, dtype=dtype)
     x = torch.randn(rows, 16, device=device, dtype=dtype)
-    cfg = dict(areas=4, area_mode=mode, feedback=feedback)
+    cfg = dict(areas=areas, area_mode=mode, feedback=feedback)
     fast = salcompile.transform(model, (x,), area_impl="fast", **cfg)
     ref = salcompile.transform(model, (x,), area_impl="reference", **cfg)
     ref.load_state_dict(fast.state_dict())
@@ -34,11 +34,13 @@ def _step(module, x, sal=None):
     return out.detach(), dict(zip(names, grads))
 
 
+# (width, K): blocks of 8 features; blocks of 4 (bf16 groups 8 bytes apart: the per-area loop)
+@pytest.mark.parametrize("width,areas", [(32, 4), (64, 16)], ids=["w32k4", "w64k16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["partition", "replicate"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_fast_equals_reference(device, dtype, mode):
-    fast, ref, x = _pair(device, dtype, mode)
+def test_fast_equals_reference(device, dtype, mode, width, areas):
+    fast, ref, x = _pair(device, dtype, mode, width=width, areas=areas)
     out_f, g_f = _step(fast, x)
     out_r, g_r = _step(ref, x)
     assert out_f.dtype == dtype and out_f.device.type == device
