@@ -53,7 +53,10 @@ class TrainStepSession:
                 str(path), sess_options, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:
             raise SalcompileError(f"TrainStepSession: onnxruntime cannot load {path} "
-                                  f"({type(exc).__name__}: {str(exc).strip()[:300]}).") from exc
+                                  f"({type(exc).__name__}: {str(exc).strip()[:300]}). Is it "
+                                  "truncated or not an ONNX file? Write it again with "
+                                  "salcompile.export_train_step (python -m salcompile export "
+                                  "MODEL.sal.pt2 --to train-step -o FILE).") from exc
         inputs = self.session.get_inputs()
         outs = [o.name for o in self.session.get_outputs()]
         if not outs or outs[0] != "loss":

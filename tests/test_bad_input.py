@@ -140,6 +140,8 @@ CASES = [
     ("train-step-with-dropout", lambda tmp: salcompile.export_train_step(
         salcompile.transform(Dropped(), (_x(),), areas=1), (_x(),), tmp / "s.onnx"),
      "Set the dropout probability to 0"),
+    ("corrupt-onnx-file", lambda tmp: salcompile.TrainStepSession(
+        _write(tmp, "m.onnx", b"\x08\x07garbage"), {}), "Write it again"),
     ("not-a-train-step-graph", lambda tmp: salcompile.TrainStepSession(_inference_onnx(tmp), {}),
      "not a train-step graph"),
 ]
