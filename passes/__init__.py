@@ -8,6 +8,7 @@ from .attach_dfa import attach_dfa
 from .attach_fa import attach_fa
 from .find_regions import find_regions
 from .follow_training_mode import follow_training_mode
+from .fuse_regions import fuse_regions, unfuse_regions
 from .guard_finite import guard_finite
 from .insert_gates import insert_gates
 from .make_area_ops import make_area_ops
@@ -16,4 +17,4 @@ from .strip_feedback import strip_feedback
 
 __all__ = ["normalize_layers", "follow_training_mode", "find_regions", "analyse_sparsity",
            "insert_gates", "make_area_ops", "attach_fa", "attach_dfa", "guard_finite",
-           "strip_feedback"]
+           "fuse_regions", "unfuse_regions", "strip_feedback"]

@@ -57,8 +57,7 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     if config.check_finite:
         gm = p.guard_finite(gm, specs, plan)
     if config.gated and config.area_impl == "fast" and config.fuse_regions:
-        from .passes.fuse_regions import fuse_regions   # last: feedback and guards in place
-        gm = fuse_regions(gm, plan, config)
+        gm = p.fuse_regions(gm, plan, config)   # last: feedback buffers and guards in place
     sal = SALModule(gm, gm.graph, plan, config, original_keys)
     sal.train(getattr(model, "training", True))
     return sal
