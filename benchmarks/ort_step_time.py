@@ -1,9 +1,12 @@
-"""One AdamW training step of the same FA model: ONNX Runtime training artifacts vs torch eager.
+"""One AdamW training step of the same FA model: ONNX Runtime training artifacts and the
+train-step graph (salcompile.export_train_step in a plain InferenceSession) vs torch eager.
 
     python benchmarks/ort_step_time.py [--steps 30] [--rounds 5] [--threads 1] [--batch 256]
+                                       [--areas 1]
 
 Model: salcompile.models.MLP(784, 1024, 10, depth=3) (784-1024-1024-10, ReLU), transformed with
-salcompile.transform(areas=1) (dense FA, feedback_scale="match": B rescaled to ||W|| every step),
+salcompile.transform(areas=--areas) (1: dense FA; feedback_scale="match": B rescaled to ||W|| every
+step; K > 1: SAL-K partition, which both ONNX forms run masked-dense),
 float32, batch 256, cross-entropy on random labels, AdamW (torch.optim.AdamW lr 1e-3 /
 ORT's AdamW from generate_artifacts). Step = forward + backward + optimizer step (+ zero_grad /
 lazy_reset_grad). Both sides run with the same thread count (`--threads`:
@@ -43,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--areas", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ort_step_time.md"))
     args = ap.parse_args(argv)
 
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 784)
     y = torch.randint(0, 10, (args.batch,))
-    sal = salcompile.transform(MLP(784, 1024, 10, depth=3), (x[:8],), areas=1)
+    sal = salcompile.transform(MLP(784, 1024, 10, depth=3), (x[:8],), areas=args.areas)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -69,6 +73,10 @@ def main(argv=None) -> int:
         opt_ort.set_learning_rate(1e-3)
         module.train()
         xn, yn = x.numpy(), y.numpy()
+        t1 = time.perf_counter()
+        salcompile.export_train_step(sal, (x[:8],), d / "step.onnx", optimizer="adamw", lr=1e-3)
+        step_export_s = time.perf_counter() - t1
+        graph = salcompile.TrainStepSession(d / "step.onnx", sal.state_dict(), sess_options=so)
 
         # correctness on this model: one step's gradients (before any update)
         sal.train()
@@ -91,13 +99,18 @@ def main(argv=None) -> int:
             opt_ort.step()
             module.lazy_reset_grad()
 
+        def graph_step():
+            graph.step(xn, yn)
+
+        steps = (("torch eager", torch_step), ("ORT training", ort_step),
+                 ("train-step graph (InferenceSession)", graph_step))
         for _ in range(args.warmup):
-            torch_step()
-            ort_step()
-        times = {"torch eager": [], "ORT training": []}
+            for _, step in steps:
+                step()
+        times = {name: [] for name, _ in steps}
         cpu = {k: 0.0 for k in times}   # process CPU time: shows the thread setting holds
         for _ in range(args.rounds):
-            for name, step in (("torch eager", torch_step), ("ORT training", ort_step)):
+            for name, step in steps:
                 c = time.process_time()
                 for _ in range(args.steps):
                     t = time.perf_counter()
@@ -113,11 +126,13 @@ def main(argv=None) -> int:
     cmd = "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}"]
                                  + list(argv if argv is not None else sys.argv[1:]))
     text = "\n".join([
-        "# ORT training step vs torch eager step (same FA model, AdamW)",
+        "# ONNX Runtime training step vs torch eager step (same model, AdamW)",
         "",
         f"`{cmd}`",
         "",
-        f"MLP 784-1024-1024-10, salcompile.transform(areas=1) (dense FA, feedback_scale=match), "
+        f"MLP 784-1024-1024-10, salcompile.transform(areas={args.areas}) "
+        f"({'dense FA' if args.areas == 1 else f'SAL-{args.areas} partition, FA'}, "
+        "feedback_scale=match), "
         f"float32, batch {args.batch}, cross-entropy, AdamW; {args.threads} thread(s) on both "
         f"sides (torch.set_num_threads, ORT intra_op_num_threads; inter_op 1). "
         f"{args.rounds} interleaved rounds x {args.steps} steps per side after {args.warmup} "
@@ -128,7 +143,8 @@ def main(argv=None) -> int:
         *rows,
         "",
         f"One ORT step's gradients vs torch's on this model: max relative difference "
-        f"{worst:.1e}. export_ort_training took {export_s:.1f} s.",
+        f"{worst:.1e}. export_ort_training took {export_s:.1f} s, export_train_step "
+        f"{step_export_s:.1f} s.",
         "",
         f"torch {torch.__version__}, onnxruntime-training {ort.__version__}, Python "
         f"{platform.python_version()}, {platform.machine()}, {platform.processor() or 'cpu'}; "
