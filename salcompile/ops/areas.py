@@ -54,6 +54,20 @@ def _bias_shape(weight: Tensor, mode: str):
     return weight.shape[:2] if mode == "replicate" else weight.shape[:1]
 
 
+def check_mode(who: str, weight: Tensor, feedback: Optional[Tensor], mode: str,
+               input_block: bool) -> None:
+    """The checks every area op shares (area ops and the fused compact ops)."""
+    if mode not in MODES:
+        raise ValueError(f"{who}: mode must be one of {MODES}, got {mode!r}")
+    if mode == "replicate" and input_block:
+        raise ValueError(f"{who}: input_block is not allowed with mode='replicate'")
+    if mode == "dense" and not input_block:
+        raise ValueError(f"{who}: mode='dense' needs input_block=True")
+    if feedback is not None and feedback.shape != weight.shape:
+        raise ValueError(f"{who}: feedback shape {tuple(feedback.shape)} != weight shape "
+                         f"{tuple(weight.shape)}")
+
+
 def _split(n: int, k: int, what: str) -> int:
     if n % k:
         raise ValueError(f"area ops: {what} ({n}) is not divisible by areas={k}")
@@ -66,15 +80,7 @@ def _blocks(weight: Tensor, bias: Optional[Tensor], feedback: Optional[Tensor], 
     """Validate a configuration; return (output features, the K blocks)."""
     if areas < 1:
         raise ValueError(f"area ops: areas must be >= 1, got {areas}")
-    if mode not in MODES:
-        raise ValueError(f"area ops: mode must be one of {MODES}, got {mode!r}")
-    if mode == "replicate" and input_block:
-        raise ValueError("area ops: input_block is not allowed with mode='replicate'")
-    if mode == "dense" and not input_block:
-        raise ValueError("area ops: mode='dense' needs input_block=True")
-    if feedback is not None and feedback.shape != weight.shape:
-        raise ValueError(f"area ops: feedback shape {tuple(feedback.shape)} != weight shape "
-                         f"{tuple(weight.shape)}")
+    check_mode("area ops", weight, feedback, mode, input_block)
     if groups > 1 and mode == "dense":
         raise ValueError("area ops: mode='dense' is not supported for grouped convolutions")
     if groups > 1 and mode == "partition" and groups % areas:

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .areas import _bias_shape, check_mode
 from .fa import _TINY, _fresh
 
-MODES = ("partition", "replicate", "dense")
 # Tests set this to exercise the per-area loop on dtypes grouped_mm would take.
 FORCE_LOOP = False
 
@@ -224,14 +224,7 @@ def _mm_groups(gt: Tensor, x: Tensor, offs: Tensor) -> Tensor:
 def _check(x: Tensor, area: Tensor, weight: Tensor, bias: Optional[Tensor],
            feedback: Optional[Tensor], areas: int, mode: str, input_block: bool) -> int:
     """Validate; return the compact output width."""
-    if mode not in MODES:
-        raise ValueError(f"compact_linear: mode must be one of {MODES}, got {mode!r}")
-    if mode == "replicate" and input_block:
-        raise ValueError("compact_linear: input_block is not allowed with mode='replicate'")
-    if mode == "dense" and not input_block:
-        raise ValueError("compact_linear: mode='dense' needs input_block=True")
-    if feedback is not None and feedback.shape != weight.shape:
-        raise ValueError("compact_linear: feedback shape != weight shape")
+    check_mode("compact_linear", weight, feedback, mode, input_block)
     if mode == "replicate":
         if weight.dim() != 3 or weight.shape[0] != areas:
             raise ValueError(f"compact_linear: replicate weight must be [{areas}, N, I]")
@@ -345,10 +338,6 @@ def compact_linear_backward(grad: Tensor, x: Tensor, area: Tensor, offs: Tensor,
     return (gx.contiguous() if gx is not None else x.new_empty(0),
             gw.contiguous() if gw is not None else weight.new_empty(0),
             gb.contiguous() if gb is not None else weight.new_empty(0))
-
-
-def _bias_shape(weight: Tensor, mode: str):
-    return weight.shape[:2] if mode == "replicate" else weight.shape[:1]
 
 
 @compact_linear_backward.register_fake
