@@ -93,10 +93,8 @@ def inference_graph(sal) -> fx.GraphModule:
     """An eval-mode GraphModule equal to `sal`'s forward, built of aten ops only (shares `sal`'s
     parameters). What export_onnx exports."""
     s, area_ops = _ops()
-    from .passes.fuse_regions import unfuse_regions   # fused regions -> one area op per layer
-    with warnings.catch_warnings():  # torch's own pytree deprecation noise on deepcopy
-        warnings.simplefilter("ignore", FutureWarning)
-        g = unfuse_regions(sal.graph)
+    from .passes.fuse_regions import unfuse_regions
+    g = unfuse_regions(sal.graph)   # a copy; fused regions back to one area op per layer
     linear_targets = (s.area_linear.default, area_ops.area_linear_reference)
     conv_targets = (s.area_conv.default, area_ops.area_conv_reference)
     for node in list(g.nodes):
@@ -163,9 +161,12 @@ def inference_graph(sal) -> fx.GraphModule:
                    and str(n.target).startswith("salcompile.")})
     if left:
         raise SalcompileError(f"export_onnx: no ONNX form for {', '.join(left)}.")
-    g.eliminate_dead_code()   # feedback reads and their view chains, counts, unused anchors
-    g.lint()
     gm = fx.GraphModule(sal, g, class_name="SALInference")
+    # feedback reads and their view chains, counts, unused anchors; on the GraphModule: the
+    # purity check of call_module nodes (symbolic_trace captures) needs the owning module
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
     gm.eval()
     return gm
 

@@ -45,13 +45,11 @@ process-group sum).
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import operator
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -150,20 +148,6 @@ def _bn_train(x, weight, bias, eps: float):
     return y
 
 
-def _unfused_copy(graph: fx.Graph) -> fx.Graph:
-    """A copy of the module's graph; fused regions (area-sorted compact form) turned back into
-    one area op per layer, where DFA taps and gate outputs are whole activations again."""
-    try:
-        from .passes.fuse_regions import unfuse_regions
-    except ImportError:   # a pipeline without the fusion pass
-        unfuse_regions = None
-    if unfuse_regions is not None:
-        return unfuse_regions(graph)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(graph)
-
-
 def _replace_uses(node: fx.Node, new: fx.Node) -> None:
     node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
 
@@ -172,7 +156,8 @@ def _training_graph(sal) -> Tuple[fx.GraphModule, List[Tuple[str, str]], List[Di
     """(the train-mode forward in aten ops with markers, [(tap marker index -> D buffer)],
     [gate info]). Works on a copy of the module's graph; parameters are shared."""
     s = torch.ops.salcompile
-    g = _unfused_copy(sal.graph)
+    from .passes.fuse_regions import unfuse_regions
+    g = unfuse_regions(sal.graph)   # a copy; fused regions back to one area op per layer
     mark = torch.ops.salcompile_ort.mark.default
     # 1. train mode: batch norm / dropout flags -> True; the step counter is not ORT's business
     for node in list(g.nodes):

@@ -9,9 +9,7 @@ ops' forwards, and aten.convolution_backward as convolutions.
 """
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -31,13 +29,8 @@ def _trainable_graph(sal) -> fx.GraphModule:
     no routing counters, no finite checks, masked-dense area ops."""
     from .ops import areas as area_ops
     s = torch.ops.salcompile
-    try:   # fused regions (compact, grouped-matmul form) back to one area op per layer
-        from .passes.fuse_regions import unfuse_regions
-    except ImportError:
-        unfuse_regions = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        g = unfuse_regions(sal.graph) if unfuse_regions else copy.deepcopy(sal.graph)
+    from .passes.fuse_regions import unfuse_regions
+    g = unfuse_regions(sal.graph)   # a copy; fused regions back to one area op per layer
     swap = {s.area_linear.default: area_ops.area_linear_reference,
             s.area_conv.default: area_ops.area_conv_reference}
     for node in list(g.nodes):

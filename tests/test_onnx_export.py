@@ -57,6 +57,10 @@ CASES = {
     "mlp-sal4-reference": lambda: _mlp(areas=4, area_impl="reference"),
     "cnn-bn-sal4-partition": _cnn,
     "encoder-sal4-tokens": _encoder,
+    # symbolic_trace capture: call_module nodes (BatchNorm1d) in the graph
+    "traced-bn-mlp-sal4": lambda: (salcompile.transform(nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)), areas=4),
+        torch.randn(4, 8), torch.randn(7, 8)),
 }
 
 
