@@ -172,7 +172,22 @@ def inference_graph(sal) -> fx.GraphModule:
 
 
 # ---------------------------------------------------------------- export
-def _require_onnx():
+# The training exports (ORT artifacts, train-step graph) pin what onnxruntime(-training) 1.19 reads.
+TRAINING_OPSET = 20
+TRAINING_IR_VERSION = 10
+LOSSES = ("cross_entropy", "mse")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def check_training_choices(who: str, loss: str, optimizer: str) -> None:
+    if loss not in LOSSES:
+        raise SalcompileError(f"{who}: loss must be one of {', '.join(LOSSES)}, not {loss!r}.")
+    if optimizer not in OPTIMIZERS:
+        raise SalcompileError(f"{who}: optimizer must be one of {', '.join(OPTIMIZERS)}, not "
+                              f"{optimizer!r}.")
+
+
+def _require_onnx(who: str = "export_onnx"):
     missing = []
     for name in ("onnx", "onnxscript"):
         try:
@@ -180,7 +195,7 @@ def _require_onnx():
         except ImportError:
             missing.append(name)
     if missing:
-        raise SalcompileError(f"export_onnx needs {' and '.join(missing)}: "
+        raise SalcompileError(f"{who} needs {' and '.join(missing)}: "
                               f"pip install {' '.join(missing)}")
 
 
@@ -207,7 +222,7 @@ def exporter_error(who: str, exc: Exception) -> SalcompileError:
 def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic_batch: bool, who: str,
                  opset: Optional[int] = None, custom_translation_table: Optional[dict] = None):
     """(ONNX ModelProto, the eager output) of an inference graph: a trial run first (clear errors
-    for wrong inputs), then the dynamo exporter with parameter names kept, its logs quieted.
+    for wrong inputs), then the dynamo exporter (dynamo_export).
     `custom_translation_table`: {op overload: onnxscript function}, passed to the exporter."""
     try:
         with torch.no_grad():
@@ -215,6 +230,16 @@ def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic_batch: bool,
     except Exception as exc:
         raise SalcompileError(f"{who}: the module does not run on example_inputs "
                               f"({type(exc).__name__}: {_first_line(exc)}).") from exc
+    proto = dynamo_export(gm, example_inputs, _dynamic_shapes(example_inputs, dynamic_batch), who,
+                          opset, custom_translation_table)
+    return proto, out
+
+
+def dynamo_export(gm: fx.GraphModule, args: tuple, dynamic_shapes, who: str,
+                  opset: Optional[int] = None, custom_translation_table: Optional[dict] = None):
+    """torch.onnx.export (dynamo) with parameter names kept (optimize=False: onnxscript's
+    optimizer also folds small constants such as an eps of 1e-8 to 0), its logs quieted; the
+    exporter's failure as a SalcompileError."""
     kw = {} if opset is None else {"opset_version": int(opset)}
     if custom_translation_table:
         kw["custom_translation_table"] = dict(custom_translation_table)
@@ -224,11 +249,10 @@ def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic_batch: bool,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(gm, example_inputs, dynamo=True, optimize=False,
-                                        dynamic_shapes=_dynamic_shapes(example_inputs,
-                                                                       dynamic_batch),
-                                        verbose=False, report=False, **kw)
-        return program.model_proto, out
+            program = torch.onnx.export(gm, args, dynamo=True, optimize=False,
+                                        dynamic_shapes=dynamic_shapes, verbose=False,
+                                        report=False, **kw)
+        return program.model_proto
     except Exception as exc:
         raise exporter_error(who, exc) from exc
     finally:

@@ -60,13 +60,11 @@ from torch import Tensor
 from .errors import SalcompileError
 from .files import check_output_dir
 from .module import SALModule, require_sal
-from .onnx_export import _first_line, _require_onnx, export_graph, inference_graph
+from .onnx_export import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
+                          _first_line, _require_onnx, check_training_choices, export_graph,
+                          inference_graph)
 
 ARTIFACTS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
-OPSET = 20          # loaded by onnxruntime-training 1.19.2 (supports opsets up to 21)
-IR_VERSION = 10
-_LOSSES = ("cross_entropy", "mse")
-_OPTIMIZERS = ("adamw", "sgd")
 WHO = "export_ort_training"
 
 aten = torch.ops.aten
@@ -114,11 +112,7 @@ def _require_ort_training():
 
 
 def _check_supported(sal, loss: str, optimizer: str) -> None:
-    if loss not in _LOSSES:
-        raise SalcompileError(f"{WHO}: loss must be one of {', '.join(_LOSSES)}, not {loss!r}.")
-    if optimizer not in _OPTIMIZERS:
-        raise SalcompileError(f"{WHO}: optimizer must be one of {', '.join(_OPTIMIZERS)}, not "
-                              f"{optimizer!r}.")
+    check_training_choices(WHO, loss, optimizer)
     fa = {l.weight for l in sal.sal_plan.layers if l.feedback == "fa"}
     fallback = {w for f in sal.sal_plan.backprop for w in f.weights}
     both = sorted(fa & fallback)
@@ -359,7 +353,7 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir,
     """
     sal = require_sal(module)
     _check_supported(sal, loss, optimizer)
-    _require_onnx()
+    _require_onnx(WHO)
     artifacts = _require_ort_training()
     out = check_output_dir(out_dir)
     present = [f for f in ARTIFACTS if (out / f).exists()]

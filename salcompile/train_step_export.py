@@ -32,7 +32,6 @@ Names (the I/O convention):
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -44,15 +43,11 @@ from .files import atomic_write, check_output
 from .module import require_sal
 from .train_step_graph import WHO as _WHO
 from .train_step_graph import _decompositions, _loss, _Optimizer, _trainable_graph
+from .train_step_session import LOSS, NEW, STEP
+from .onnx_export import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
+                          _first_line, _require_onnx, check_training_choices, dynamo_export)
 
-OPSET = 20          # also loaded by onnxruntime 1.19.x
-IR_VERSION = 10
-LOSSES = ("cross_entropy", "mse")
-OPTIMIZERS = ("sgd", "adamw")
-STEP = "optimizer.step"
-LOSS = "loss"
 TARGET = "target"
-NEW = ".new"
 
 
 # ---------------------------------------------------------------- the step function
@@ -99,10 +94,8 @@ def _probe(gm, example_inputs):
     except SalcompileError:
         raise
     except Exception as exc:
-        text = str(exc).strip()
         raise SalcompileError(f"{_WHO}: the module does not run on example_inputs "
-                              f"({type(exc).__name__}: {text.splitlines()[0] if text else ''})."
-                              ) from exc
+                              f"({type(exc).__name__}: {_first_line(exc)}).") from exc
     return [n for n, b in copies.items() if b._version != versions[n]], out
 
 
@@ -184,32 +177,17 @@ def _trace(step, flat, n_data: int, dynamic_batch: bool):
     except SalcompileError:
         raise
     except Exception as exc:
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         raise SalcompileError(f"{_WHO}: cannot trace the training step ({type(exc).__name__}: "
-                              f"{lines[0] if lines else ''}).") from exc
+                              f"{_first_line(exc)}).") from exc
 
 
 # ---------------------------------------------------------------- ONNX
 def _export_onnx(traced, flat, spec: _Spec, dynamic_batch: bool):
     from torch.export import Dim
-    from .onnx_export import exporter_error
     n_data = len(spec.data)
     dyn = [None] * (len(flat) - n_data) + [
         {0: Dim.AUTO} if dynamic_batch and t.dim() > 0 else None for t in flat[-n_data:]]
-    onnx_log = logging.getLogger("torch.onnx")
-    level = onnx_log.level
-    onnx_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(traced, tuple(flat), dynamo=True, optimize=False,
-                                        dynamic_shapes=tuple(dyn), opset_version=OPSET,
-                                        verbose=False, report=False)
-    except Exception as exc:
-        raise exporter_error(_WHO, exc) from exc
-    finally:
-        onnx_log.setLevel(level)
-    return program.model_proto
+    return dynamo_export(traced, tuple(flat), tuple(dyn), _WHO, OPSET)
 
 
 def _cast_like_to_cast(model) -> None:
@@ -283,14 +261,6 @@ def _rename(model, spec: _Spec, values: Dict[str, torch.Tensor]) -> None:
 
 
 # ---------------------------------------------------------------- public
-def _check_supported(loss: str, optimizer: str) -> None:
-    if loss not in LOSSES:
-        raise SalcompileError(f"{_WHO}: loss must be one of {', '.join(LOSSES)}, not {loss!r}.")
-    if optimizer not in OPTIMIZERS:
-        raise SalcompileError(f"{_WHO}: optimizer must be one of {', '.join(OPTIMIZERS)}, not "
-                              f"{optimizer!r}.")
-
-
 def _example_target(out, loss: str):
     if isinstance(out, (tuple, list)):
         out = out[0] if len(out) == 1 else out
@@ -326,10 +296,9 @@ def export_train_step(module, example_inputs: Tuple[Any, ...], path, loss: str =
     Returns {"path", "inputs", "outputs", "parameters", "state", "constants"}.
     """
     sal = require_sal(module)
-    _check_supported(loss, optimizer)
+    check_training_choices(_WHO, loss, optimizer)
     out_path = check_output(path, force)
-    from .onnx_export import _require_onnx
-    _require_onnx()
+    _require_onnx(_WHO)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t

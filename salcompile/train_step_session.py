@@ -15,7 +15,10 @@ import numpy as np
 
 from .errors import SalcompileError
 
-NEW = ".new"
+# The graph's naming convention (export_train_step writes it, this class reads it).
+NEW = ".new"          # output name of an updated input: `fc1.weight.new`
+LOSS = "loss"         # the first output
+STEP = "optimizer.step"
 _SLOTS = (".exp_avg", ".exp_avg_sq", ".momentum_buffer")
 _DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
            "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
@@ -59,22 +62,21 @@ class TrainStepSession:
                                   "MODEL.sal.pt2 --to train-step -o FILE).") from exc
         inputs = self.session.get_inputs()
         outs = [o.name for o in self.session.get_outputs()]
-        if not outs or outs[0] != "loss":
+        if not outs or outs[0] != LOSS:
             raise SalcompileError(f"TrainStepSession: {path} is not a train-step graph from "
                                   "salcompile.export_train_step (its first output is not 'loss').")
         produced = set(outs)
         self.state_names = [i.name for i in inputs if i.name + NEW in produced]
         self.data_names = [i.name for i in inputs if i.name + NEW not in produced]
         self._types = {i.name: _DTYPES.get(i.type) for i in inputs}
-        self._shapes = {i.name: i.shape for i in inputs}
-        self._outputs = ["loss"] + [n + NEW for n in self.state_names]
+        self._outputs = [LOSS] + [n + NEW for n in self.state_names]
         self._extra = {k: _numpy(v) for k, v in params.items()}   # returned by state_dict too
         self.values: Dict[str, np.ndarray] = {}
         missing = []
         for name in self.state_names:
             if name in params:
                 v = _numpy(params[name])
-            elif name == "optimizer.step":
+            elif name == STEP:
                 v = np.zeros((), np.float32)
             elif self._slot_of(name) in params:
                 v = np.zeros_like(_numpy(params[self._slot_of(name)]))
@@ -119,7 +121,7 @@ class TrainStepSession:
     def optimizer_state(self) -> Dict[str, np.ndarray]:
         """The optimizer's state (moments, step count): pass it back in `params` to resume."""
         return {k: v for k, v in self.values.items()
-                if k == "optimizer.step" or k.endswith(_SLOTS)}
+                if k == STEP or k.endswith(_SLOTS)}
 
     def state_dict(self, numpy: bool = False) -> Dict[str, Any]:
         """Every entry of the `params` given, with the trained values: parameters and carried
