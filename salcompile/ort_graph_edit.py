@@ -108,10 +108,36 @@ def _elem_types(model) -> Dict[str, int]:
     return types
 
 
-def fix_pitfalls(model, who: str) -> None:
+def cast_like_to_cast(model, who: Optional[str] = None) -> None:
+    """CastLike(x, like) -> Cast(x, to=like's type), the type from shape inference: the same
+    values, and a node ORT's gradient builder takes (it has no CastLike gradient). With `who`
+    (the training artifacts) a type nobody can tell is an error; without, the node is left."""
     from onnx import helper
-    names = Names(model)
     types = None
+    for n in model.graph.node:
+        if n.op_type != "CastLike" or n.domain not in ("", "ai.onnx") or len(n.input) != 2:
+            continue
+        if types is None:
+            try:
+                types = _elem_types(model)
+            except Exception:
+                if who:
+                    raise
+                return
+        to = types.get(n.input[1])
+        if not to:
+            if who:
+                raise SalcompileError(f"{who}: cannot tell the type CastLike node {n.name} casts "
+                                      "to (ORT has no gradient for CastLike).")
+            continue
+        n.op_type = "Cast"
+        del n.input[1]
+        del n.attribute[:]
+        n.attribute.append(helper.make_attribute("to", int(to)))
+
+
+def fix_pitfalls(model, who: str) -> None:
+    names = Names(model)
     for n in model.graph.node:
         if n.domain not in ("", "ai.onnx"):
             continue
@@ -120,17 +146,7 @@ def fix_pitfalls(model, who: str) -> None:
                 n.output.append(names(f"{n.output[0]}_ln_stat"))
         elif n.op_type == "Dropout" and len(n.output) < 2:
             n.output.append(names(f"{n.output[0]}_mask"))
-        elif n.op_type == "CastLike":
-            if types is None:
-                types = _elem_types(model)
-            to = types.get(n.input[1])
-            if not to:
-                raise SalcompileError(f"{who}: cannot tell the type CastLike node {n.name} casts "
-                                      "to (ORT has no gradient for CastLike).")
-            n.op_type = "Cast"
-            del n.input[1]
-            del n.attribute[:]
-            n.attribute.append(helper.make_attribute("to", int(to)))
+    cast_like_to_cast(model, who)
 
 
 # ---------------------------------------------------------------- after generate_artifacts
@@ -232,12 +248,11 @@ def fa_edit(model, feedback: Dict[str, np.ndarray], params: Set[str], loss_grad:
     return count
 
 
-def override_gradient(model, tensor: str, build: Callable[[str], None], who: str) -> bool:
+def override_gradient(model, tensor: str, build: Callable[[str], None], names: Names) -> bool:
     """Make `tensor`_grad the output of the nodes `build(grad_name)` adds; the nodes that
     computed it before lose that output (and are pruned if nothing else needs them). Returns
     False when the training graph computes no gradient for `tensor`."""
     grad = tensor + "_grad"
-    names = Names(model)
     producers = [n for n in model.graph.node if grad in n.output]
     if not producers:
         return False

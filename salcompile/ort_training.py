@@ -291,7 +291,7 @@ def _edit_training_model(model, sal, marks, taps, gates, params) -> Dict[str, in
             d_init = b.const(d, d.dtype, "D")
             done = ge.override_gradient(
                 model, marks[(TAP, i)][1],
-                lambda out: ge.direct_error_nodes(b, err, d_init, marks[(TAP, i)][1], out), WHO)
+                lambda out: ge.direct_error_nodes(b, err, d_init, marks[(TAP, i)][1], out), names)
             counts["dfa_taps"] += bool(done)
     for gate in gates:
         if gate["proj"] not in params:   # a frozen projection: nothing to train
@@ -304,7 +304,7 @@ def _edit_training_model(model, sal, marks, taps, gates, params) -> Dict[str, in
             model, gate["proj"],
             lambda out: ge.local_rule_nodes(b, marks[(FEATURES, k)][1], gate["proj"], p_init,
                                             marks[(AREA, k)][1], gate["temperature"],
-                                            gate["balance_weight"], gate["areas"], out), WHO)
+                                            gate["balance_weight"], gate["areas"], out), names)
         if not done:
             raise SalcompileError(f"{WHO}: the training graph computes no gradient for gate "
                                   f"projection {gate['proj']} (internal error).")

@@ -43,6 +43,7 @@ from .files import atomic_write, check_output
 from .module import require_sal
 from .train_step_graph import WHO as _WHO
 from .train_step_graph import _decompositions, _loss, _Optimizer, _trainable_graph
+from .ort_graph_edit import cast_like_to_cast
 from .train_step_session import LOSS, NEW, STEP
 from .onnx_export import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
                           _first_line, _require_onnx, check_training_choices, dynamo_export)
@@ -190,26 +191,6 @@ def _export_onnx(traced, flat, spec: _Spec, dynamic_batch: bool):
     return dynamo_export(traced, tuple(flat), tuple(dyn), _WHO, OPSET)
 
 
-def _cast_like_to_cast(model) -> None:
-    """CastLike(x, like) -> Cast(x, to=like's type) where shape inference knows that type: the
-    same values, and no "cannot constant fold CastLike" notices at every session load."""
-    import onnx
-    from onnx import helper
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        return
-    g = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in list(g.value_info) + list(g.input) + list(g.output)}
-    types.update({i.name: i.data_type for i in g.initializer})
-    for k, n in enumerate(model.graph.node):
-        to = types.get(n.input[1]) if n.op_type == "CastLike" and len(n.input) == 2 else None
-        if to:
-            model.graph.node[k].CopyFrom(helper.make_node("Cast", [n.input[0]], list(n.output),
-                                                          name=n.name, to=to))
-
-
 def _rename(model, spec: _Spec, values: Dict[str, torch.Tensor]) -> None:
     """Graph inputs and outputs get the names of the convention; constant inputs become
     initializers holding `values`."""
@@ -252,7 +233,7 @@ def _rename(model, spec: _Spec, values: Dict[str, torch.Tensor]) -> None:
             keep.append(i)
     del g.input[:]
     g.input.extend(keep)
-    _cast_like_to_cast(model)
+    cast_like_to_cast(model)   # no constant-folding notices at every session load
     model.ir_version = IR_VERSION
     try:
         onnx.checker.check_model(model)
