@@ -60,6 +60,7 @@ from torch import Tensor
 from .errors import SalcompileError
 from .files import check_output_dir
 from .module import SALModule, require_sal
+from .train_step_graph import _batch_norm   # batch statistics in plain ops
 from .onnx_export import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
                           _first_line, _require_onnx, check_training_choices, export_graph,
                           inference_graph)
@@ -128,20 +129,6 @@ def _check_supported(sal, loss: str, optimizer: str) -> None:
 
 
 # ---------------------------------------------------------------- the train-mode forward
-def _bn_train(x, weight, bias, eps: float):
-    """Batch norm with batch statistics (biased variance), no running-statistics update."""
-    dims = [0] + list(range(2, x.dim()))
-    mean = x.mean(dims, keepdim=True)
-    xc = x - mean
-    y = xc * torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
-
-
 def _replace_uses(node: fx.Node, new: fx.Node) -> None:
     node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
 
@@ -171,7 +158,8 @@ def _training_graph(sal) -> Tuple[fx.GraphModule, List[Tuple[str, str]], List[Di
             a = list(node.args)
             if a[5] is True:
                 with g.inserting_before(node):
-                    new = g.call_function(_bn_train, (a[0], a[1], a[2], float(a[7])))
+                    new = g.call_function(_batch_norm, (a[0], a[1], a[2], None, None, True, 0.0,
+                                                        float(a[7])))
                 new.meta = dict(node.meta)
                 node.replace_all_uses_with(new)
                 g.erase_node(node)
