@@ -6,6 +6,8 @@ salcompile.pipeline, nowhere else.
 from .analyse_sparsity import analyse_sparsity
 from .attach_dfa import attach_dfa
 from .attach_fa import attach_fa
+from .audit_parameters import audit_parameters
+from .decompose_addmm import decompose_addmm
 from .find_regions import find_regions
 from .follow_training_mode import follow_training_mode
 from .fuse_regions import fuse_regions, unfuse_regions
@@ -15,6 +17,6 @@ from .make_area_ops import make_area_ops
 from .normalize_layers import normalize_layers
 from .strip_feedback import strip_feedback
 
-__all__ = ["normalize_layers", "follow_training_mode", "find_regions", "analyse_sparsity",
+__all__ = ["normalize_layers", "decompose_addmm", "follow_training_mode", "find_regions", "analyse_sparsity",
            "insert_gates", "make_area_ops", "attach_fa", "attach_dfa", "guard_finite",
-           "fuse_regions", "unfuse_regions", "strip_feedback"]
+           "fuse_regions", "unfuse_regions", "strip_feedback", "audit_parameters"]

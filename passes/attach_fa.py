@@ -1,8 +1,13 @@
 """Swap every FA layer for its salcompile op, which carries B in its backward.
 
 One feedback buffer per parameter (a tied weight used by two layers shares it), registered beside
-the parameter as `<name>_feedback`. When the layer reads the weight through ops (W.t(), chunk,
-slicing), the same ops are applied to B, so B always lines up with the operand the layer uses.
+the parameter as `<name>_feedback`. When the layer reads the weight through view ops (W.t(), chunk,
+slicing, expand), the same ops are applied to B, so B always lines up with the operand the layer
+uses. A *composed* weight (LoRA's W + A@B, weight_norm, a learnt scale times W: LayerSpec.composed)
+gets one B per weight operand, shaped like the effective weight and registered beside its largest
+parameter as `<name>_effective_feedback`; the layer's dW flows to every constituent through its
+own chain (their true local gradients). With feedback_init="weights", B is the effective weight's
+value at transform time.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from salcompile.config import SALConfig
+from salcompile.errors import SalcompileError
 from salcompile.feedback_init import draw_uniform, fan_in
 from salcompile.layers import LayerSpec, WeightTracer
 
@@ -29,20 +35,25 @@ def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SAL
         if spec.bias is not None:
             spec.bias = replaced.get(spec.bias, spec.bias)
         p = spec.param
-        if p not in buffers:
-            w = params[p]
-            if config.feedback_init == "weights":
-                b = w.detach().clone()
+        key = spec.weight if spec.composed else p
+        if key not in buffers:
+            if spec.composed:
+                buffers[key] = register_beside(gm, p, "effective_feedback",
+                                               _effective_feedback(gm, tracer, spec, entry, config))
             else:
-                per_copy = w.shape[1:] if entry.area_mode == "replicate" else w.shape
-                b = draw_uniform(tuple(w.shape), fan_in(spec.kind, per_copy, spec.weight_first),
-                                 config.feedback_seed, p, w)
-            buffers[p] = register_beside(gm, p, "feedback", b)
-        entry.feedback_buffer = buffers[p]
+                w = params[p]
+                if config.feedback_init == "weights":
+                    b = w.detach().clone()
+                else:
+                    per_copy = w.shape[1:] if entry.area_mode == "replicate" else w.shape
+                    b = draw_uniform(tuple(w.shape), fan_in(spec.kind, per_copy, spec.weight_first),
+                                     config.feedback_seed, p, w)
+                buffers[key] = register_beside(gm, p, "feedback", b)
+        entry.feedback_buffer = buffers[key]
         node = spec.node
         with g.inserting_before(node):
-            b_node = g.get_attr(buffers[p])
-            b_operand = _mirror_chain(g, tracer, spec, b_node)
+            b_node = g.get_attr(buffers[key])
+            b_operand = b_node if spec.composed else _mirror_chain(g, tracer, spec, b_node)
             if spec.area:  # an area op: fill its feedback slot and per-area norm matching
                 args = list(node.args)
                 args[5], args[-1] = b_operand, match
@@ -56,6 +67,9 @@ def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SAL
                 new = g.call_function(ops.fa_conv.default, (
                     spec.x, spec.weight, spec.bias, b_operand, c["stride"], c["padding"],
                     c["dilation"], c["transposed"], c["output_padding"], c["groups"], match))
+            elif spec.kind == "grouped_mm":
+                new = g.call_function(ops.fa_grouped_mm.default, (spec.x, spec.weight, spec.offs,
+                                                                  b_operand, match))
             elif spec.kind == "matmul":
                 new = g.call_function(ops.fa_matmul.default, (spec.x, spec.weight, b_operand,
                                                               spec.weight_first, match))
@@ -70,6 +84,26 @@ def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SAL
     g.lint()
     gm.recompile()
     return gm
+
+
+def _effective_feedback(gm, tracer: WeightTracer, spec: LayerSpec, entry, config: SALConfig):
+    """B for a composed weight: shaped like the effective weight the layer uses."""
+    try:
+        w = tracer.evaluate(gm, spec.weight)
+    except Exception as exc:   # the chain needs input data (sizes) or fails on its own
+        val = spec.weight.meta.get("val")
+        if val is None or config.feedback_init == "weights":
+            raise SalcompileError(
+                f"layer {entry.name}: its composed weight ({', '.join(spec.constituents)}) cannot be "
+                f"computed from the parameters alone ({type(exc).__name__}: {exc}), so its feedback "
+                "matrix cannot be sized or copied. Pass example_inputs=(x,) to transform(), or use "
+                "feedback_init='kaiming_uniform'.") from exc
+        w = torch.empty(tuple(int(d) for d in val.shape), dtype=val.dtype,
+                        device=tracer.params[spec.param].device)
+    if config.feedback_init == "weights":
+        return w.detach().clone()
+    return draw_uniform(tuple(w.shape), fan_in(spec.kind, tuple(w.shape), spec.weight_first),
+                        config.feedback_seed, f"{spec.param}:effective:{entry.name}", w)
 
 
 def _mirror_chain(g: fx.Graph, tracer: WeightTracer, spec: LayerSpec, b_node: fx.Node) -> fx.Node:

@@ -44,6 +44,9 @@ def strip_feedback(graph: fx.Graph) -> fx.Graph:
             elif t is ops.fa_matmul.default:
                 x, w, _, weight_first, _ = node.args
                 new = g.call_function(aten.matmul.default, (w, x) if weight_first else (x, w))
+            elif t is ops.fa_grouped_mm.default:   # B = W: the op's own backward is backprop's
+                x, w, offs, _, _ = node.args
+                new = g.call_function(ops.fa_grouped_mm.default, (x, w, offs, w, False))
             elif t is ops.fa_einsum.default:
                 eq, x, w, _, weight_first, _ = node.args
                 new = g.call_function(aten.einsum.default, (eq, [w, x] if weight_first else [x, w]))

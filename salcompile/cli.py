@@ -9,7 +9,7 @@ from typing import List, Optional
 import torch
 
 from .config import (AREA_IMPLS, AREA_MODES, FEEDBACK_INITS, FEEDBACK_MODES, FEEDBACK_SCALES,
-                     ROUTE_BY, BLOCK_GAINS, SALConfig)
+                     ROUTE_BY, BLOCK_GAINS, ON_BACKPROP, SALConfig)
 from .errors import SalcompileError
 from .training import OPTIMIZERS, Recipe
 from . import files
@@ -122,6 +122,9 @@ def config_args(p: argparse.ArgumentParser) -> None:
                         "activations from shrinking with depth)")
     p.add_argument("--check-finite", action="store_true",
                    help="raise at the first NaN/inf in a layer's output or gradient, naming it")
+    p.add_argument("--on-backprop", choices=ON_BACKPROP, default=d.on_backprop,
+                   help="a layer salcompile cannot rewrite stays on backprop with a warning (warn) "
+                        "or makes the conversion fail (error)")
 
 
 def config_from(args) -> SALConfig:
@@ -134,7 +137,7 @@ def config_from(args) -> SALConfig:
                      routing_seed=args.routing_seed, balance_weight=args.balance_weight,
                      temperature=args.temperature, area_impl=args.area_impl,
                      fuse_regions=args.fuse_regions, input_block_gain=args.input_block_gain,
-                     check_finite=args.check_finite)
+                     check_finite=args.check_finite, on_backprop=args.on_backprop)
 
 
 def _shape(text: Optional[str]):

@@ -14,6 +14,7 @@ AREA_MODES = ("partition", "replicate")
 ROUTE_BY = ("auto", "sample", "token")
 AREA_IMPLS = ("fast", "reference")
 BLOCK_GAINS = ("fan_in", "none")
+ON_BACKPROP = ("warn", "error")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class SALConfig:
                     compact form (rows sorted once per gate, hidden activations stored as
                     rows x width/K, one grouped matmul per layer; passes/fuse_regions.py).
                     False keeps one self-contained area op per layer. Same values and gradients.
+    on_backprop:    what a layer salcompile cannot rewrite (it stays on backprop, listed in the plan
+                    with the reason) does: "warn" (default) or "error" (transform raises: a
+                    guarantee that nothing in the model trains by backprop).
     """
 
     feedback: str = "fa"
@@ -71,6 +75,7 @@ class SALConfig:
     input_block_gain: str = "fan_in"
     check_finite: bool = False
     fuse_regions: bool = True
+    on_backprop: str = "warn"
 
     def __post_init__(self) -> None:
         _check_choice("feedback", self.feedback, FEEDBACK_MODES)
@@ -80,6 +85,7 @@ class SALConfig:
         _check_choice("route_by", self.route_by, ROUTE_BY)
         _check_choice("area_impl", self.area_impl, AREA_IMPLS)
         _check_choice("input_block_gain", self.input_block_gain, BLOCK_GAINS)
+        _check_choice("on_backprop", self.on_backprop, ON_BACKPROP)
         if not isinstance(self.check_finite, bool):
             raise SalcompileError(f"check_finite must be True or False, got {self.check_finite!r}.")
         if not isinstance(self.fuse_regions, bool):

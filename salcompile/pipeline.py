@@ -39,13 +39,12 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     original_keys = _state_keys(model)
     gm, how = capture(model, example_inputs)
     gm = p.normalize_layers(gm)
+    gm = p.decompose_addmm(gm)
     gm = p.follow_training_mode(gm)
     plan, specs, tracer, head = analyse(gm, config, how)
     if not plan.layers:
         warnings.warn("salcompile: found no weight-carrying linear map (linear, conv, matmul, "
                       "einsum) in the model: nothing to rewrite, it trains as before.", stacklevel=2)
-    for u in plan.backprop:
-        warnings.warn(f"salcompile: {u.name} ({u.op}) keeps backprop: {u.reason}.", stacklevel=2)
     if config.gated:
         regions = p.find_regions(gm, specs, plan, tracer, head, config)
         gm, routes = p.insert_gates(gm, regions, tracer, config)
@@ -58,6 +57,9 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
         gm = p.guard_finite(gm, specs, plan)
     if config.gated and config.area_impl == "fast" and config.fuse_regions:
         gm = p.fuse_regions(gm, plan, config)   # last: feedback buffers and guards in place
+    gm = p.audit_parameters(gm, plan, config)   # last: checks the finished graph
+    for u in plan.backprop:
+        warnings.warn(f"salcompile: {u.name} ({u.op}) keeps backprop: {u.reason}.", stacklevel=2)
     sal = SALModule(gm, gm.graph, plan, config, original_keys)
     sal.train(getattr(model, "training", True))
     return sal

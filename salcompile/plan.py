@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from .config import SALConfig
 from .errors import SalcompileError
-from .layers import LayerSpec, Unsupported, WeightTracer, recognise
+from .layers import LayerSpec, Unsupported, WeightTracer, op_name, recognise
 
 
 @dataclass
@@ -33,6 +33,7 @@ class LayerEntry:
     area_mode: str = ""  # partition | replicate | exit (dense output, reads its input's area block)
     input_block: bool = False  # reads only the area block of its (area-sparse) input
     sees: str = ""     # sparsity state of its input: dense | area-sparse(<gate>)
+    constituents: List[str] = field(default_factory=list)  # parameters of a composed weight
 
 
 @dataclass
@@ -52,10 +53,16 @@ class Plan:
     backprop: List[FallbackEntry] = field(default_factory=list)
     dfa_taps: List[str] = field(default_factory=list)
     regions: List[Dict] = field(default_factory=list)  # gate, layers, exits, reads, route_by, ...
+    # every parameter of the transformed module -> "layer" (its weight, or a constituent of a
+    # composed one, trains by the feedback rule), "local" (true local gradient: bias, norm affine,
+    # embedding, gate projection), "backprop" (listed in `backprop` with the reason), "frozen"
+    roles: Dict[str, str] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)  # e.g. "no SAL region: <reason>"
 
     @property
     def head(self) -> Optional[LayerEntry]:
-        return next((l for l in self.layers if l.role == "head"), None)
+        # the last output layer: the one DFA delivers its error from (analyse's `head`)
+        return next((l for l in reversed(self.layers) if l.role == "head"), None)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -66,7 +73,8 @@ class Plan:
         return cls(capture=d["capture"], config=d["config"],
                    layers=[LayerEntry(**l) for l in d["layers"]],
                    backprop=[FallbackEntry(**f) for f in d["backprop"]],
-                   dfa_taps=list(d.get("dfa_taps", [])), regions=list(d.get("regions", [])))
+                   dfa_taps=list(d.get("dfa_taps", [])), regions=list(d.get("regions", [])),
+                   roles=dict(d.get("roles", {})), notes=list(d.get("notes", [])))
 
     def __str__(self) -> str:
         c = self.config
@@ -79,6 +87,9 @@ class Plan:
             rows[0] += ("gate", "area", "input")
         for l in self.layers:
             w = l.weight + (f" via {l.via}" if l.via else "")
+            others = [c for c in l.constituents if c != l.weight]
+            if others:
+                w += f" (composed with {', '.join(others)})"
             row = (l.name, l.op, w, "x".join(map(str, l.shape)), l.feedback, l.role)
             if self.regions:
                 area = l.area_mode + (" (reads block)" if l.input_block and l.area_mode != "exit"
@@ -98,6 +109,11 @@ class Plan:
             lines.append(f"region {r['gate']}: routes per {r['route_by']} on {r['reads']} "
                          f"(φ={r['phi']}, {r['features']} features) → {', '.join(r['layers'])}"
                          + (f"; exits: {', '.join(r['exits'])}" if r["exits"] else ""))
+        if self.roles:
+            counts = {r: sum(1 for v in self.roles.values() if v == r)
+                      for r in ("layer", "local", "backprop", "frozen")}
+            lines.append("parameters: " + ", ".join(f"{n} {r}" for r, n in counts.items() if n))
+        lines.extend(self.notes)
         if self.dfa_taps:
             lines.append(f"DFA taps (activations receiving e·D): {', '.join(self.dfa_taps)}")
         return "\n".join(lines)
@@ -125,6 +141,22 @@ def layer_name(node: fx.Node, param: str) -> str:
     return node.name
 
 
+def output_layers(output: fx.Node, layers) -> set:
+    """The layer nodes whose output reaches the model output with no other layer in between (every
+    output head: logits, auxiliary heads, returned hidden projections). Never partitioned."""
+    found, seen, stack = set(), set(), list(output.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in layers:
+            found.add(n)
+        else:
+            stack.extend(n.all_input_nodes)
+    return found
+
+
 def analyse(gm: fx.GraphModule, config: SALConfig, capture: str):
     """Return (plan, specs, tracer, head): the printable plan, and the node-level facts the
     feedback passes use (layer specs in graph order, the dataflow tracer, the head's spec)."""
@@ -148,14 +180,15 @@ def analyse(gm: fx.GraphModule, config: SALConfig, capture: str):
     output = next(n for n in gm.graph.nodes if n.op == "output")
     reaching = nx.ancestors(flow, output.name)
     head = next((s for s in reversed(specs) if s.node.name in reaching), None)
+    heads = output_layers(output, {s.node for s in specs})
     plan = Plan(capture=capture, config=config.to_dict())
     for s in specs:
-        via = [c.target._opname if hasattr(c.target, "_opname") else str(c.target)
-               for c in tracer.chain(s.weight)]
+        via = [op_name(c) for c in tracer.chain(s.weight)]
         plan.layers.append(LayerEntry(
             name=layer_name(s.node, s.param), op=s.op, weight=s.param,
             shape=list(tracer.params[s.param].shape), feedback=config.feedback,
-            role="head" if s is head else "hidden", node=s.node.name, via=".".join(via)))
+            role="head" if s.node in heads else "hidden", node=s.node.name, via=".".join(via),
+            constituents=list(s.constituents) if s.composed else []))
     for u in unsupported:
         plan.backprop.append(FallbackEntry(name=layer_name(u.node, u.params[0]), op=u.op,
                                            weights=u.params, reason=u.reason, node=u.node.name))

@@ -35,12 +35,12 @@ def rescale(grad_input: Tensor, feedback: Tensor, weight: Tensor, match_norm: bo
 @torch.library.custom_op("salcompile::fa_linear", mutates_args=())
 def fa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Tensor,
               match_norm: bool) -> Tensor:
-    return F.linear(x, weight, bias)
+    return _fresh(F.linear(x, weight, bias))   # F.linear of a 1-D or N-D x is a view
 
 
 @fa_linear.register_fake
 def _(x, weight, bias, feedback, match_norm):
-    return F.linear(x, weight, bias)
+    return _fresh(F.linear(x, weight, bias))
 
 
 def _linear_setup(ctx, inputs, output):
@@ -79,9 +79,9 @@ def _is_unbatched(x: Tensor, stride: List[int]) -> bool:
 
 
 def _conv_forward(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-    if _is_unbatched(x, stride):
-        return _conv(x.unsqueeze(0), weight, bias, stride, padding, dilation, transposed,
-                     output_padding, groups).squeeze(0)
+    if _is_unbatched(x, stride):   # squeeze(0) is a view
+        return _fresh(_conv(x.unsqueeze(0), weight, bias, stride, padding, dilation, transposed,
+                            output_padding, groups).squeeze(0))
     return _conv(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
 
 
@@ -134,12 +134,12 @@ fa_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
 @torch.library.custom_op("salcompile::fa_matmul", mutates_args=())
 def fa_matmul(x: Tensor, weight: Tensor, feedback: Tensor, weight_first: bool,
               match_norm: bool) -> Tensor:
-    return torch.matmul(weight, x) if weight_first else torch.matmul(x, weight)
+    return _fresh(torch.matmul(weight, x) if weight_first else torch.matmul(x, weight))
 
 
 @fa_matmul.register_fake
 def _(x, weight, feedback, weight_first, match_norm):
-    return torch.matmul(weight, x) if weight_first else torch.matmul(x, weight)
+    return _fresh(torch.matmul(weight, x) if weight_first else torch.matmul(x, weight))
 
 
 def _matmul_setup(ctx, inputs, output):
@@ -214,13 +214,13 @@ def _einsum_vjp(out_term: str, grad: Tensor, other_term: str, other: Tensor, tar
 def fa_einsum(equation: str, x: Tensor, weight: Tensor, feedback: Tensor, weight_first: bool,
               match_norm: bool) -> Tensor:
     ops = (weight, x) if weight_first else (x, weight)
-    return torch.einsum(equation, *ops)
+    return _fresh(torch.einsum(equation, *ops))   # einsum's result is often a permuted view
 
 
 @fa_einsum.register_fake
 def _(equation, x, weight, feedback, weight_first, match_norm):
     ops = (weight, x) if weight_first else (x, weight)
-    return torch.einsum(equation, *ops)
+    return _fresh(torch.einsum(equation, *ops))
 
 
 def _einsum_setup(ctx, inputs, output):
@@ -242,3 +242,63 @@ def _einsum_backward(ctx, grad):
 
 
 fa_einsum.register_autograd(_einsum_backward, setup_context=_einsum_setup)
+
+
+# ---------------------------------------------------------------- grouped matmul (MoE experts)
+def _grouped(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    """x [rows, in] sorted by expert, weight [E, in, out], offs [E] cumulative row ends: rows
+    offs[e-1]:offs[e] go through weight[e]; rows past offs[-1] give 0 (as torch's grouped_mm)."""
+    out = x.new_zeros(x.shape[0], weight.shape[-1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = x[start:end].matmul(weight[e])
+        start = end
+    return out
+
+
+@torch.library.custom_op("salcompile::fa_grouped_mm", mutates_args=())
+def fa_grouped_mm(x: Tensor, weight: Tensor, offs: Tensor, feedback: Tensor,
+                  match_norm: bool) -> Tensor:
+    return _grouped(x, weight, offs)
+
+
+@fa_grouped_mm.register_fake
+def _(x, weight, offs, feedback, match_norm):
+    return x.new_empty(x.shape[0], weight.shape[-1])
+
+
+def _grouped_setup(ctx, inputs, output):
+    x, weight, offs, feedback, match_norm = inputs
+    ctx.save_for_backward(x, weight, offs, feedback)
+    ctx.match_norm = match_norm
+
+
+# The backward reads the offsets on the host (a per-expert loop), so it is an op of its own:
+# opaque to torch.compile / AOT tracing, which would otherwise meet data-dependent shapes.
+@torch.library.custom_op("salcompile::fa_grouped_mm_backward", mutates_args=())
+def fa_grouped_mm_backward(grad: Tensor, x: Tensor, weight: Tensor, offs: Tensor,
+                           feedback: Tensor, match_norm: bool) -> List[Tensor]:
+    gx = rescale(_grouped(grad, feedback.mT, offs), feedback, weight, match_norm)  # dY·B[e]ᵀ
+    gw = torch.zeros_like(weight)   # dW[e] = X[e]ᵀ·dY[e], exactly backprop's
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            gw[e] = x[start:end].t().matmul(grad[start:end])
+        start = end
+    return [gx, gw]
+
+
+@fa_grouped_mm_backward.register_fake
+def _(grad, x, weight, offs, feedback, match_norm):
+    return [torch.empty_like(x), torch.empty_like(weight)]
+
+
+def _grouped_backward(ctx, grad):
+    x, weight, offs, feedback = ctx.saved_tensors
+    gx, gw = torch.ops.salcompile.fa_grouped_mm_backward(grad.contiguous(), x, weight, offs,
+                                                         feedback, ctx.match_norm)
+    return gx, gw, None, None, None
+
+
+fa_grouped_mm.register_autograd(_grouped_backward, setup_context=_grouped_setup)
