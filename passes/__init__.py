@@ -10,6 +10,7 @@ from .audit_parameters import audit_parameters
 from .decompose_addmm import decompose_addmm
 from .find_regions import find_regions
 from .follow_training_mode import follow_training_mode
+from .functionalize_inplace import functionalize_inplace
 from .fuse_regions import fuse_regions, unfuse_regions
 from .guard_finite import guard_finite
 from .insert_gates import insert_gates
@@ -17,6 +18,6 @@ from .make_area_ops import make_area_ops
 from .normalize_layers import normalize_layers
 from .strip_feedback import strip_feedback
 
-__all__ = ["normalize_layers", "decompose_addmm", "follow_training_mode", "find_regions", "analyse_sparsity",
+__all__ = ["normalize_layers", "decompose_addmm", "follow_training_mode", "functionalize_inplace", "find_regions", "analyse_sparsity",
            "insert_gates", "make_area_ops", "attach_fa", "attach_dfa", "guard_finite",
            "fuse_regions", "unfuse_regions", "strip_feedback", "audit_parameters"]

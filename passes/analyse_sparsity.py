@@ -2,8 +2,13 @@
 
 A partition-gated layer's output is *area-sparse under gate g*: for a row routed to area k, only
 block k of its feature dimension (last dim for linear layers, channels for convolutions) can be
-non-zero. Elementwise ops with f(0)=0 keep that, so does adding two values sparse under the same
-gate, and per-channel spatial pooling keeps channel sparsity; anything else makes a value dense.
+non-zero. Elementwise ops with f(0)=0 keep that (activations, dropout, scaling by a number, a
+power with a positive exponent), so does adding two values sparse under the same gate, and
+per-channel spatial pooling keeps channel sparsity. A product keeps it too: of two values sparse
+under the same gate, or of a sparse value and anything that broadcasts against it without adding
+rows (the result has the sparse factor's shape; 0·finite = 0): the gated MLPs of Llama-style
+models, down(act(gate(x)) * up(x)), and the tanh GELU 0.5·h·(1 + tanh(...)). Anything else makes
+a value dense.
 
 The pass reads the graph (mirrored in a networkx DiGraph, walked in topological order) and changes
 nothing: it returns {node name: SparseState or None}.
@@ -36,7 +41,7 @@ class SparseState:
 _ZERO_PRESERVING_ATEN = {
     "relu", "relu_", "gelu", "silu", "tanh", "leaky_relu", "hardtanh", "relu6", "elu", "mish",
     "hardswish", "dropout", "native_dropout", "feature_dropout", "clone",
-    "detach", "alias", "neg", "abs", "_to_copy", "contiguous", "sin", "sgn", "sign", "square",
+    "detach", "alias", "neg", "abs", "_to_copy", "to", "contiguous", "sin", "sgn", "sign", "square",
 }
 _ZERO_PRESERVING_FUNCTIONS = {
     F.relu, torch.relu, F.gelu, F.silu, torch.tanh, F.tanh, F.leaky_relu, F.hardtanh, F.relu6,
@@ -83,8 +88,30 @@ def _hardtanh_bounds(gm: fx.GraphModule, node: fx.Node):
     return None
 
 
+def _number(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _scaled(node: fx.Node, div: bool) -> bool:
+    """x * c, c * x (div=False) or x / c (div=True) by a plain number c."""
+    a = node.args
+    if len(a) != 2:
+        return False
+    if div:
+        return isinstance(a[0], fx.Node) and _number(a[1])
+    return (isinstance(a[0], fx.Node) and _number(a[1])) or \
+        (_number(a[0]) and isinstance(a[1], fx.Node))
+
+
+def _positive_power(node: fx.Node) -> bool:
+    """x ** c with a plain number c > 0: 0 ** c = 0."""
+    a = node.args
+    return len(a) == 2 and isinstance(a[0], fx.Node) and _number(a[1]) and a[1] > 0
+
+
 def zero_preserving(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """An elementwise op of one tensor with f(0)=0 (activation, dropout, scaling by a number)."""
+    """An elementwise op of one tensor with f(0)=0 (activation, dropout, scaling by a number, a
+    positive power)."""
     bounds = _hardtanh_bounds(gm, node)
     if bounds is not None:   # clamps 0 to min_val or max_val unless min_val <= 0 <= max_val
         return all(isinstance(b, (int, float)) for b in bounds) and bounds[0] <= 0 <= bounds[1]
@@ -93,17 +120,31 @@ def zero_preserving(gm: fx.GraphModule, node: fx.Node) -> bool:
         if name in _ZERO_PRESERVING_ATEN:
             return True
         if name in ("mul", "div"):  # by a plain number
-            return len(node.args) > 1 and isinstance(node.args[1], (int, float))
+            return _scaled(node, name == "div")
+        if name == "pow":
+            return _positive_power(node)
         return False
     if node.op == "call_function":
         if node.target in _ZERO_PRESERVING_FUNCTIONS:
             return True
         if node.target in (operator.mul, operator.truediv, torch.mul, torch.div):
-            return len(node.args) > 1 and isinstance(node.args[1], (int, float))
+            return _scaled(node, node.target in (operator.truediv, torch.div))
+        if node.target in (operator.pow, torch.pow):
+            return _positive_power(node)
         return False
     if node.op == "call_method":
+        if node.target in ("mul", "div"):
+            return _scaled(node, node.target == "div")
+        if node.target == "pow":
+            return _positive_power(node)
         return node.target in _ZERO_PRESERVING_METHODS
     return isinstance(_module(gm, node), _ZERO_PRESERVING_MODULES)
+
+
+def tensor_operand(node: fx.Node) -> Optional[fx.Node]:
+    """The tensor a one-tensor op (zero_preserving, pooling) applies to: its first node argument
+    (`0.5 * h` has the number first)."""
+    return next((a for a in node.args if isinstance(a, fx.Node)), None)
 
 
 def _channel_local(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -123,9 +164,37 @@ def _is_add(node: fx.Node) -> bool:
         and not node.kwargs
 
 
-def _first_node_arg(node: fx.Node) -> Optional[fx.Node]:
-    a = node.args[0] if node.args else None
-    return a if isinstance(a, fx.Node) else None
+def is_product(node: fx.Node) -> bool:
+    """a * b of two tensors (a product by a plain number is zero_preserving instead)."""
+    name = _aten_name(node)
+    if name is not None:
+        ok = name in ("mul", "mul_") and not node.kwargs
+    elif node.op == "call_function":
+        ok = node.target in (operator.mul, torch.mul) and not node.kwargs
+    else:
+        ok = node.op == "call_method" and node.target == "mul" and not node.kwargs
+    return ok and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args)
+
+
+def same_shape(a: fx.Node, b: fx.Node) -> bool:
+    """Both shapes are known (meta["val"]) and equal."""
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and \
+        [str(d) for d in va.shape] == [str(d) for d in vb.shape]
+
+
+def product_state(node: fx.Node, state_of) -> Optional[SparseState]:
+    """The sparsity of a product a * b given state_of(factor): sparse when both factors are sparse
+    under one gate, or when one is and the product has its shape (the other factor broadcasts
+    against it and adds no rows)."""
+    a, b = node.args
+    sa, sb = state_of(a), state_of(b)
+    if sa is not None and sa == sb:
+        return sa
+    for s, f in ((sa, a), (sb, b)):
+        if s is not None and same_shape(f, node):
+            return s
+    return None
 
 
 def analyse_sparsity(gm: fx.GraphModule, sources: Dict[str, SparseState]) -> Dict[str, SparseState]:
@@ -150,7 +219,12 @@ def analyse_sparsity(gm: fx.GraphModule, sources: Dict[str, SparseState]) -> Dic
             if sa is not None and sa == sb:
                 state[name] = sa
             continue
-        x = _first_node_arg(node)
+        if is_product(node):
+            s = product_state(node, lambda f: state.get(f.name))
+            if s is not None:
+                state[name] = s
+            continue
+        x = tensor_operand(node)
         s = state.get(x.name) if x is not None else None
         if s is None:
             continue

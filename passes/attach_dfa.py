@@ -5,6 +5,20 @@ consumers read `tap.detach()`, and the head's output goes through `dfa_output(y,
 backward hands each tap e·D. The error then flows from the tap through the parameter-free ops
 (activation derivative, norms, pooling) into the layer that produced it, and stops at that layer's
 own detached input: each layer learns from e·D alone, as in Nøkland (2016).
+
+The rule that pairs the error with a tap: the output is `(*lead, n_out)` and e·D reaches a tap
+only when the tap is `(*lead, *rest)` (the same leading dimensions, position by position: the
+batch, and for per-token outputs the sequence), with D of shape `n_out × prod(rest)`. Any other
+tap is refused, with a SalcompileError that says so and points to feedback='fa'. Refused, because
+no position of the output corresponds to a position of such a tap:
+- encoder-decoder models (T5, Whisper, BART): the encoder's states are `[batch, source_len, d]`,
+  the error `[batch, target_len, vocab]`;
+- tokens flattened to rows (Mixtral and other MoE routers/experts: `[batch·seq, d]`, or expert
+  rows gathered in routing order);
+- channels-first feature maps under a per-position output (wav2vec2's feature extractor,
+  `[batch, channels, frames]` under `[batch, frames, vocab]`).
+Pooling or broadcasting the error over positions would train these layers on an error that is
+not theirs; FA has no such constraint and covers every one of these models.
 """
 from __future__ import annotations
 
@@ -47,10 +61,7 @@ def attach_dfa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SA
             raise SalcompileError("feedback='dfa' needs tensor shapes: pass example_inputs.")
         shape = list(val.shape)
         if [str(s) for s in shape[:len(lead)]] != [str(s) for s in lead]:
-            raise SalcompileError(
-                f"DFA cannot deliver the output error (shape {list(out_val.shape)}) to the input of "
-                f"layer {entry.name} (shape {shape}): their leading dimensions differ. "
-                "Use feedback='fa' for this model.")
+            raise SalcompileError(refusal(entry.name, list(out_val.shape), shape))
         rest = shape[len(lead):]
         if not all(isinstance(s, int) for s in rest):
             raise SalcompileError(f"DFA needs static feature sizes at layer {entry.name}, got {rest}; "
@@ -78,3 +89,27 @@ def attach_dfa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SA
     g.lint()
     gm.recompile()
     return gm
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def refusal(layer: str, out_shape, tap_shape) -> str:
+    """The SalcompileError message for a tap whose leading dimensions are not the output's."""
+    lead = [str(d) for d in out_shape[:-1]]
+    tap = [str(d) for d in tap_shape]
+    if not tap or tap[0] != lead[0]:
+        why = (f"its rows ({tap[0] if tap else '?'}) are not the output's {lead[0]} samples: "
+               "tokens flattened or regrouped into rows, as in a mixture-of-experts router or "
+               "expert")
+    else:
+        why = (f"it shares the batch dimension but not the positions {_dims(lead[1:])}: an "
+               "encoder-decoder's encoder states against the decoder's tokens, or a "
+               "channels-first feature map under a per-position output")
+    return (f"feedback='dfa' is refused for this model: the input of layer {layer} has shape "
+            f"{_dims(tap)}, whose leading dimensions do not line up with the output's "
+            f"{_dims(lead)} (output shape {_dims(out_shape)}); {why}. DFA delivers the output "
+            f"error only to layer inputs shaped [{', '.join(lead)}, features...]. Use "
+            "feedback='fa' (feedback alignment covers encoder-decoder and mixture-of-experts "
+            "models) or feedback='bp'.")

@@ -59,7 +59,8 @@ def unaccounted_uses(gm: fx.GraphModule, plan) -> List[tuple]:
         if n.op == "call_module":
             ps = [f"{n.target}.{p}" for p, _ in gm.get_submodule(n.target).named_parameters()]
         else:
-            ps = sorted({p for i in n.all_input_nodes for p in (tracer.weight_params(i) or [])})
+            ps = sorted({p for i in n.all_input_nodes
+                         for p in (tracer.weight_params(i) or tracer.gathered_params(i) or [])})
         if ps:
             out.append((n, op_name(n), ps))
     return out

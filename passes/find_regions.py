@@ -1,31 +1,48 @@
 """Regions (DESIGN §1): which layers share a gate, and what each gated layer becomes.
 
 Default regions:
-- one region holding every eligible layer except the head, its gate reading the input of the first;
+- one region holding every eligible layer except the output layers, its gate reading the input of
+  the first;
 - for sequence models (attention in the graph, or layers over [batch, seq, features]), one region
-  per MLP/FFN block — linear layers chained through activations/dropout only — with attention
-  projections left un-gated.
+  per MLP/FFN block — linear layers chained through f(0)=0 elementwise ops and through products
+  that keep area sparsity (gated MLPs: down(act(gate(x)) * up(x)); the tanh GELU) — with
+  attention projections left un-gated.
 `SALConfig.gate_layers` (name patterns or a predicate) chooses the layers instead.
 
-In partition mode a region's layers are partitioned, except a chain's last layer, which, like the
-head, reads only the area block of its input (mode "exit"); exits are found by the sparsity
-analysis. In replicate mode every region layer holds K copies. This pass reads the graph, fills
-the plan's area fields and returns the regions; it changes nothing.
+Output layers — every layer whose output reaches a model output with no other layer in between
+(the plan's role "head": logits, auxiliary heads) — are never partitioned by the default regions:
+they keep a dense output and read only the area block of an area-sparse input (mode "exit"). In
+partition mode a chain's layers that feed another layer of the chain are partitioned, the others
+are exits; exits are found by the sparsity analysis. In replicate mode every region layer holds K
+copies.
+
+A region never spans an op that changes the rows its gate routes (a mean over tokens, a
+reshape/flatten/transpose of the leading dims): a layer whose input rows differ joins the first
+region whose gate routes its rows, or starts one of its own (a plan note says so). Widths come
+from the weight operand the layer computes with (t(W), W[:n], ...), not from the parameter.
+When areas > 1 and nothing can be gated, the plan gets the note "no SAL region: <reason>" and the
+pipeline warns. This pass reads the graph, fills the plan's area fields and returns the regions;
+it changes nothing.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
+import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 
 from salcompile.config import SALConfig
 from salcompile.errors import SalcompileError
 from salcompile.layers import LayerSpec, WeightTracer
 
-from .analyse_sparsity import SparseState, analyse_sparsity, zero_preserving
+from .analyse_sparsity import (SparseState, analyse_sparsity, is_product, same_shape,
+                               tensor_operand, zero_preserving)
 
 # symbolic_trace leaves unknown shapes: a linear's input is then routed per row of its last dim.
 _POOL_CELLS = {1: 4, 2: 4, 3: 2}  # φ for conv inputs: adaptive average pool to this size per dim
@@ -51,11 +68,41 @@ def _is_conv(spec: LayerSpec) -> bool:
     return spec.kind == "conv" and not spec.conv["transposed"]
 
 
+def operand_shape(gm: fx.GraphModule, w: fx.Node,
+                  tracer: Optional[WeightTracer] = None) -> Optional[Tuple[int, ...]]:
+    """The shape of a weight operand as the layer uses it (t(W), W[:n], W[:, :n]...): its shape
+    metadata, else the parameter it reads directly, else the value of its chain of ops computed
+    from the parameters. None when none of these is available."""
+    v = _val(w)
+    if v is not None:
+        return tuple(v.shape)
+    if not isinstance(w, fx.Node):
+        return None
+    if w.op == "get_attr":
+        try:
+            return tuple(operator.attrgetter(w.target)(gm).shape)
+        except AttributeError:
+            return None
+    try:
+        tracer = tracer if tracer is not None else WeightTracer(gm)
+        return tuple(tracer.evaluate(gm, w).shape)
+    except Exception:   # a chain that cannot run on its own: no shape
+        return None
+
+
+def weight_shape(gm: fx.GraphModule, spec: LayerSpec, tracer: WeightTracer) -> Tuple[int, ...]:
+    """The layer's weight operand shape ([out, in] for linear, [out, in/groups, ...] for conv)."""
+    shape = operand_shape(gm, spec.weight, tracer)
+    return shape if shape is not None else tuple(tracer.params[spec.param].shape)
+
+
 def eligibility(spec: LayerSpec, tracer: WeightTracer, uses: Dict[str, int],
                 config: SALConfig) -> Optional[str]:
     """None when the layer can become an area op, else why not."""
     if not (spec.op == "linear" or _is_conv(spec)):
         return f"{spec.op} layers have no area form (linear and convolution layers do)"
+    if getattr(spec, "composed", False):
+        return "its weight is composed from several parameters"
     if uses[spec.param] > 1:
         return "its weight is shared with another layer"
     x = _val(spec.x)
@@ -89,38 +136,61 @@ def is_sequence_model(gm: fx.GraphModule, specs: List[LayerSpec]) -> bool:
     return any((v := _val(s.x)) is not None and v.dim() >= 3 for s in specs if s.kind == "linear")
 
 
-def _chains(gm: fx.GraphModule, layers: List[LayerSpec]) -> List[List[LayerSpec]]:
-    """Group linear layers whose output reaches the next one through f(0)=0 elementwise ops."""
-    by_input: Dict[fx.Node, List[LayerSpec]] = {}
-    for s in layers:
-        by_input.setdefault(s.x, []).append(s)
-    parent = {id(s): s for s in layers}
+def _reach(gm: fx.GraphModule, layers: List[LayerSpec]) -> Dict[fx.Node, frozenset]:
+    """{value: indices of the layers whose outputs reach it} through the ops that keep area
+    sparsity (analyse_sparsity's rules, before it is known which layers are partitioned): f(0)=0
+    elementwise ops, and products of two reached values or of a reached value and anything that
+    leaves its shape unchanged."""
+    index = {s.node: i for i, s in enumerate(layers)}
+    reach: Dict[fx.Node, frozenset] = {}
+    for n in gm.graph.nodes:
+        if n in index:
+            reach[n] = frozenset([index[n]])
+        elif is_product(n):
+            a, b = n.args
+            ra, rb = reach.get(a), reach.get(b)
+            if ra and rb:
+                reach[n] = ra | rb
+            elif ra and same_shape(a, n):
+                reach[n] = ra
+            elif rb and same_shape(b, n):
+                reach[n] = rb
+        elif zero_preserving(gm, n):
+            x = tensor_operand(n)
+            if x in reach:
+                reach[n] = reach[x]
+    return reach
 
-    def find(s):
-        while parent[id(s)] is not s:
-            s = parent[id(s)]
-        return s
 
-    for s in layers:
-        frontier = [s.node]
-        while frontier:
-            n = frontier.pop()
-            for nxt in by_input.get(n, []):
-                if nxt is not s:
-                    parent[id(find(nxt))] = find(s)
-            frontier.extend(u for u in n.users if zero_preserving(gm, u))
+def _chains(gm: fx.GraphModule, layers: List[LayerSpec]
+            ) -> Tuple[List[List[LayerSpec]], Set[fx.Node]]:
+    """Group linear layers whose output reaches the next one's input through ops that keep area
+    sparsity. Returns the groups and the layers that feed another layer of their group."""
+    reach = _reach(gm, layers)
+    parent = list(range(len(layers)))
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    feeds: Set[fx.Node] = set()
+    for j, s in enumerate(layers):
+        for i in reach.get(s.x, ()):
+            if i != j:
+                feeds.add(layers[i].node)
+                parent[find(i)] = find(j)
     groups: Dict[int, List[LayerSpec]] = {}
-    for s in layers:
-        groups.setdefault(id(find(s)), []).append(s)
-    return list(groups.values())
+    for i, s in enumerate(layers):
+        groups.setdefault(find(i), []).append(s)
+    return list(groups.values()), feeds
 
 
-def _route(gm: fx.GraphModule, spec: LayerSpec, config: SALConfig):
+def _route(gm: fx.GraphModule, spec: LayerSpec, tracer: WeightTracer, config: SALConfig):
     """(route_by, φ, features) for a gate reading `spec`'s input."""
     v = _val(spec.x)
-    # without shape metadata (symbolic_trace) the parameter itself gives the input width
-    w_shape = (tuple(spec.weight.meta["val"].shape) if _val(spec.weight) is not None
-               else tuple(gm.get_parameter(spec.param).shape))
+    # without shape metadata (symbolic_trace) the weight operand gives the input width
+    w_shape = weight_shape(gm, spec, tracer)
     if _is_conv(spec):
         if config.route_by == "token":
             raise SalcompileError(f"route_by='token' needs sequence activations; layer {spec.param} "
@@ -142,6 +212,80 @@ def _route(gm: fx.GraphModule, spec: LayerSpec, config: SALConfig):
     return "sample", "flatten", int(math.prod(rest))
 
 
+# ---------------------------------------------------------------- rows
+# Without shapes (symbolic_trace), ops known to keep the leading dims (the rows) of their tensor
+# inputs; anything else may change them.
+_ROWWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add,
+                      torch.sub, torch.mul, torch.div, torch.sigmoid, F.sigmoid, torch.exp,
+                      F.softplus, F.layer_norm}
+_ROWWISE_METHODS = {"add", "sub", "mul", "div", "sigmoid", "exp"}
+_ROWWISE_MODULES = (nn.Sigmoid, nn.Softplus, nn.LayerNorm)
+_ROWWISE_ATEN = {"linear", "add", "sub", "mul", "div", "sigmoid", "exp", "layer_norm"}
+
+
+def _row_inputs(gm: fx.GraphModule, n: fx.Node) -> List[fx.Node]:
+    """The tensor inputs whose rows `n`'s output has, [] when `n` may change the rows."""
+    tensors = [a for a in n.args if isinstance(a, fx.Node)]
+    if zero_preserving(gm, n):
+        x = tensor_operand(n)
+        return [x] if x is not None else []
+    t = n.target
+    if n.op == "call_function" and isinstance(t, torch._ops.OpOverload):
+        if t._opname == "linear":
+            return tensors[:1]
+        ok = t._opname in _ROWWISE_ATEN
+    elif n.op == "call_function":
+        if t in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
+            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+            return tensors[:1] if dim == -1 else []
+        ok = t in _ROWWISE_FUNCTIONS
+    elif n.op == "call_method":
+        ok = t in _ROWWISE_METHODS
+    elif n.op == "call_module":
+        mod = gm.get_submodule(t)
+        ok = isinstance(mod, _ROWWISE_MODULES) or (isinstance(mod, nn.Softmax) and mod.dim == -1)
+    else:
+        ok = False
+    return tensors if ok else []
+
+
+def _same_rows(gm: fx.GraphModule, reads: fx.Node, route, spec: LayerSpec) -> bool:
+    """Whether the gate of `route` reading `reads` routes exactly the rows of `spec`'s input."""
+    x = spec.x
+    if x is reads:
+        return True
+    _, phi, _ = route
+    xv, rv = _val(x), _val(reads)
+    if xv is not None and rv is not None:
+        lead = [str(d) for d in (rv.shape[:-1] if phi == "identity" else rv.shape[:1])]
+        row_dims = 1 if _is_conv(spec) else xv.dim() - 1
+        return len(lead) <= row_dims and [str(d) for d in xv.shape[:len(lead)]] == lead
+    seen, stack = set(), [x]
+    while stack:   # a path from reads to x through row-keeping ops only
+        n = stack.pop()
+        if n is reads:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(_row_inputs(gm, n))
+    return False
+
+
+def _split_rows(gm, group: List[LayerSpec], tracer: WeightTracer, config: SALConfig):
+    """[(route, layers)]: each layer joins the first part whose gate routes its rows."""
+    parts: List[Tuple[tuple, List[LayerSpec]]] = []
+    for s in group:
+        for route, members in parts:
+            if _same_rows(gm, members[0].x, route, s):
+                members.append(s)
+                break
+        else:
+            parts.append((_route(gm, s, tracer, config), [s]))
+    return parts
+
+
+# ---------------------------------------------------------------- regions
 def find_regions(gm: fx.GraphModule, specs: List[LayerSpec], plan, tracer: WeightTracer,
                  head: Optional[LayerSpec], config: SALConfig) -> List[Region]:
     uses: Dict[str, int] = {}  # how many layers read each weight / bias parameter
@@ -151,43 +295,87 @@ def find_regions(gm: fx.GraphModule, specs: List[LayerSpec], plan, tracer: Weigh
             if name is not None:
                 uses[name] = uses.get(name, 0) + 1
     entries = {s.node: e for s, e in zip(specs, plan.layers)}
-    eligible = [s for s in specs if eligibility(s, tracer, uses, config) is None]
+    # every output layer (plan role "head"); `head` is the one DFA uses, always among them
+    outputs = {s.node for s in specs if entries[s.node].role == "head"}
+    if head is not None:
+        outputs.add(head.node)
+    why = {s.node: eligibility(s, tracer, uses, config) for s in specs}
+    eligible = [s for s in specs if why[s.node] is None]
     sequence = is_sequence_model(gm, specs)
+    partition = config.area_mode == "partition"
     if config.gate_layers is not None:
         chosen = [s for s in specs if _selected(entries[s.node].name, s.param, config.gate_layers)]
-        bad = [(s, eligibility(s, tracer, uses, config)) for s in chosen if s not in eligible]
+        bad = [(s, why[s.node]) for s in chosen if why[s.node] is not None]
         if bad:
-            s, why = bad[0]
+            s, reason = bad[0]
             raise SalcompileError(f"gate_layers selects layer {entries[s.node].name}, which cannot be "
-                                  f"gated: {why}. Leave it out of gate_layers.")
+                                  f"gated: {reason}. Leave it out of gate_layers.")
         if not chosen:
             raise SalcompileError(f"gate_layers={config.to_dict()['gate_layers']} matches no layer; "
                                   f"layers: {[e.name for e in plan.layers]}.")
-        groups = _chains(gm, [s for s in chosen if s.kind == "linear"]) + \
+        groups = _chains(gm, [s for s in chosen if s.kind == "linear"])[0] + \
             [[s] for s in chosen if s.kind != "linear"] if sequence else [chosen]
     elif sequence:
-        linear = [s for s in eligible if s.kind == "linear" and s is not head]
-        groups = [c for c in _chains(gm, linear) if len(c) >= 2]
+        chains, feeds = _chains(gm, [s for s in eligible if s.kind == "linear"])
+        # partition: the layers feeding another layer of their chain (the others, and output
+        # layers, read the area block: exits); replicate: every layer but the output layers
+        groups = [[s for s in c if s.node not in outputs and (s.node in feeds or not partition)]
+                  for c in chains if len(c) >= 2]
     else:
-        groups = [[s for s in eligible if s is not head]]
+        groups = [[s for s in eligible if s.node not in outputs]]
     groups = [sorted(g, key=lambda s: specs.index(s)) for g in groups if g]
     groups.sort(key=lambda g: specs.index(g[0]))
 
     regions = []
-    for i, group in enumerate(groups):
-        name = f"gate_{i}"
-        if config.area_mode == "partition" and config.gate_layers is None and sequence:
-            group = group[:-1]  # the chain's last layer reads the area block (an exit)
-        for s in group:
-            _check_width(entries[s.node], config)
-        route_by, phi, features = _route(gm, group[0], config)
-        regions.append(Region(name, group, group[0].x, route_by, phi, features))
+    for group in groups:
+        first = len(regions)
+        for i, (route, part) in enumerate(_split_rows(gm, group, tracer, config)):
+            name = f"gate_{len(regions)}"
+            for s in part:
+                _check_width(entries[s.node], weight_shape(gm, s, tracer), config)
+            if i:
+                plan.notes.append(
+                    f"region {name} starts at {entries[part[0].node].name}: its input rows differ "
+                    f"from those {regions[first].gate} routes (an op between them changes the "
+                    "rows)")
+            route_by, phi, features = route
+            regions.append(Region(name, part, part[0].x, route_by, phi, features))
+    if not regions and config.areas > 1:
+        plan.notes.append("no SAL region: " + _no_region_reason(specs, entries, why, outputs,
+                                                                sequence))
     _assign(gm, specs, plan, regions, eligible, config)
     return regions
 
 
-def _check_width(entry, config: SALConfig) -> None:
-    width = entry.shape[0]  # output features / channels (weights are [out, in, ...])
+def _names(specs, entries, most: int = 4) -> str:
+    names = [entries[s.node].name for s in specs]
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def _no_region_reason(specs, entries, why, outputs, sequence) -> str:
+    if not specs:
+        return "the model has no weight-carrying layer"
+    inner = [s for s in specs if s.node not in outputs]
+    if not inner:
+        return (f"its only layers are output layers ({_names(specs, entries)}), which keep a "
+                "dense output")
+    ok = [s for s in inner if why[s.node] is None]
+    if not ok:
+        s = inner[0]
+        return (f"no layer besides the output layers can take areas ({entries[s.node].name}: "
+                f"{why[s.node]}" + (f"; {len(inner) - 1} more" if len(inner) > 1 else "") + ")")
+    if sequence:
+        no = [s for s in inner if why[s.node] is not None]
+        return (f"a sequence model whose eligible linear layers ({_names(ok, entries)}) form no "
+                "MLP/FFN block (linear layers chained through activations or products); "
+                "attention projections stay un-gated"
+                + (f"; {entries[no[0].node].name} cannot take areas: {why[no[0].node]}" if no
+                   else ""))
+    return "no layer can take areas"
+
+
+def _check_width(entry, shape, config: SALConfig) -> None:
+    width = shape[0]  # output features / channels of the operand (weights are [out, in, ...])
     if config.area_mode == "partition" and width % config.areas:
         raise SalcompileError(
             f"layer {entry.name} has {width} outputs, not divisible by K={config.areas} areas. Choose K "

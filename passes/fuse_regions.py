@@ -6,15 +6,18 @@ After: the rows are sorted once per gate (`region_sort`, on device, no host sync
 between the region's layers stays compact (salcompile/ops/compact.py):
 
   * a partition layer's output, and whatever f(0)=0 elementwise ops (relu, gelu, dropout, detach,
-    check_finite, scaling...) and same-layout adds make of it, is held as [rows, width/K] in
-    sorted row order (BLOCK); replicate layers and exits (dense output reading the input block)
-    produce whole sorted rows (FULL);
+    check_finite, scaling...) and same-layout, same-shape adds and products (a gated MLP's
+    act(gate(x)) * up(x)) make of it, is held as [rows, width/K] in sorted row order (BLOCK);
+    replicate layers and exits (dense output reading the input block) produce whole sorted rows
+    (FULL). A product with an operand that is not compact (a dense tensor, a broadcast scale) is
+    not: its compact operand is put back first (below) and the product runs as written;
   * each layer becomes one `compact_linear` (a grouped matmul over the sorted rows) reading the
     compact value directly; a layer whose input comes from outside the region gathers it first
     (`sort_rows`, or `gather_blocks` for an area-sparse input it reads by blocks);
   * a compact value that anything else reads (a norm, attention, the model output, DFA's
     dfa_output, a layer of another gate) is put back in original order, full width, once
-    (`unsort_rows` / `scatter_blocks`), right after it is computed.
+    (`unsort_rows` / `scatter_blocks`), right after it is computed. A shape-free metadata check
+    (torch.export's `_assert_tensor_metadata`: dtype, device, layout) reads the compact value.
 
 Only fast linear area ops whose gate routes exactly their rows (area shape == the input's leading
 dims) are fused; convolutions, reference ops and anything else are left as they are. The pass
@@ -35,7 +38,8 @@ import torch.fx as fx
 
 from salcompile.config import SALConfig
 
-from .analyse_sparsity import _is_add, zero_preserving
+from .analyse_sparsity import _is_add, is_product, tensor_operand, zero_preserving
+from .find_regions import operand_shape
 
 ops = torch.ops.salcompile
 BLOCK, FULL = "block", "full"
@@ -131,26 +135,29 @@ def _is_training_flag(a: fx.Node) -> bool:
 
 
 def _passthrough(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """An op of one tensor applied elementwise with f(0)=0: valid on a compact value."""
-    if n.op not in ("call_function", "call_method", "call_module") or not n.args \
-            or not isinstance(n.args[0], fx.Node):
+    """An op of one tensor applied elementwise with f(0)=0: valid on a compact value (the tensor
+    is tensor_operand(n): the first node argument)."""
+    if n.op not in ("call_function", "call_method", "call_module") or not n.args:
         return False
-    if any(isinstance(a, fx.Node) and not _is_training_flag(a)
-           for a in list(n.args[1:]) + list(n.kwargs.values())):
+    x = tensor_operand(n)
+    if x is None or any(isinstance(a, fx.Node) and a is not x and not _is_training_flag(a)
+                        for a in list(n.args) + list(n.kwargs.values())):
         return False
     if n.target is ops.check_finite.default:
         return True
     if not zero_preserving(gm, n) or any(c in _op_name(gm, n) for c in _CHANNELWISE):
         return False
-    x, v = _val(n.args[0]), _val(n)
+    x, v = _val(x), _val(n)
     if x is not None or v is not None:   # shapes known: a same-shape map (not a tuple output)
         return x is not None and v is not None and tuple(v.shape) == tuple(x.shape)
     return True   # no shapes at all (symbolic_trace): an elementwise op by its identity
 
 
-def _same_shape_add(gm: fx.GraphModule, n: fx.Node, layout) -> bool:
-    """a + b of two compact values of one layout and one shape (no broadcasting)."""
-    if not _is_add(n):
+def _same_shape_binary(gm: fx.GraphModule, n: fx.Node, layout) -> bool:
+    """a + b or a * b of two compact values of one layout and one shape (no broadcasting): the
+    op on the compact values is the op on the full ones, restricted to the stored blocks (both
+    are zero elsewhere, and so are 0 + 0 and 0 * 0)."""
+    if not (_is_add(n) or is_product(n)):
         return False
     a, b = n.args[:2]
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and a in layout and b in layout
@@ -165,15 +172,14 @@ def _same_shape_add(gm: fx.GraphModule, n: fx.Node, layout) -> bool:
 
 
 def _width(gm: fx.GraphModule, n: fx.Node, layout) -> Optional[int]:
-    """Full output width of the fused layer a compact value comes from (through elementwise ops
-    and adds, which keep it)."""
+    """Full output width of the fused layer a compact value comes from (through elementwise ops,
+    adds and products, which keep it): from its weight operand (t(W), W[:n]... as used)."""
     while n in layout and not _candidate(n):
-        n = n.args[0]
-    if n not in layout or not isinstance(n.args[3], fx.Node) or n.args[3].op != "get_attr":
+        n = tensor_operand(n)
+    if n not in layout:
         return None
-    try:
-        shape = gm.get_parameter(n.args[3].target).shape
-    except AttributeError:
+    shape = operand_shape(gm, n.args[3])
+    if shape is None:
         return None
     return shape[1] if n.args[7] == "replicate" else shape[0]
 
@@ -216,10 +222,10 @@ def _fuse(gm: fx.GraphModule, area: fx.Node, candidates: List[fx.Node],
             if _rows_proven(n, area, layout):
                 layout[n] = _out_layout(n)
                 layers.append(n)
-        elif _same_shape_add(gm, n, layout):
+        elif _same_shape_binary(gm, n, layout):
             layout[n] = layout[n.args[0]]
-        elif _passthrough(gm, n) and n.args[0] in layout:
-            layout[n] = layout[n.args[0]]
+        elif _passthrough(gm, n) and tensor_operand(n) in layout:
+            layout[n] = layout[tensor_operand(n)]
     if not layers:
         return {}
     layer_set = set(layers)
@@ -249,6 +255,7 @@ def _fuse(gm: fx.GraphModule, area: fx.Node, candidates: List[fx.Node],
         return restored[v]
 
     renamed = {}
+    gathered: Dict[tuple, fx.Node] = {}   # (input, layout): its sorted copy, shared by its readers
     # 3. Compact copies of the region's nodes.
     for n in list(layout):
         with g.inserting_before(n):
@@ -256,11 +263,14 @@ def _fuse(gm: fx.GraphModule, area: fx.Node, candidates: List[fx.Node],
                 x = n.args[0]
                 if x in layout and layout[x] == _need(n):
                     xc = compact[x]
+                elif (x, _need(n)) in gathered:   # gate_proj and up_proj read the same x
+                    xc = gathered[(x, _need(n))]
                 else:
                     xo = original(x)
                     xc = g.call_function(ops.gather_blocks.default, (xo, order, sarea, k)) \
                         if _need(n) == BLOCK else \
                         g.call_function(ops.sort_rows.default, (xo, order))
+                    gathered[(x, _need(n))] = xc
                 _, _, anchor, w, b, fb, areas, mode, input_block, match = n.args
                 new = g.call_function(ops.compact_linear.default, (
                     xc, sarea, anchor, w, b, fb, offs, areas, mode, input_block, match))
@@ -276,12 +286,22 @@ def _fuse(gm: fx.GraphModule, area: fx.Node, candidates: List[fx.Node],
         for user in list(n.users):
             if user in layout:   # compacted: its copy reads compact[n] (or original(n), step 3)
                 continue
+            if _metadata_check(user):
+                user.args = (compact[n],) + tuple(user.args[1:])
+                continue
             restored_n = original(n)
             user.args = fx.node.map_arg(user.args, lambda a: restored_n if a is n else a)
             user.kwargs = fx.node.map_arg(user.kwargs, lambda a: restored_n if a is n else a)
     for n in reversed(list(layout)):
         g.erase_node(n)
     return renamed
+
+
+def _metadata_check(n: fx.Node) -> bool:
+    """torch.export's aten._assert_tensor_metadata(x, dtype=, device=, layout=) without a size or
+    stride: true of the compact value as of the full one."""
+    return n.target is torch.ops.aten._assert_tensor_metadata.default and len(n.args) == 1 and \
+        set(n.kwargs) <= {"dtype", "device", "layout"}
 
 
 # ---------------------------------------------------------------- the inverse, for exporters

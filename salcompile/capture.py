@@ -1,11 +1,15 @@
 """Capture: a model into an FX GraphModule that keeps every parameter name.
 
-With example inputs: torch.export (non-strict, batch dimension dynamic), unlifted to a module whose
-parameters sit at their original qualified names. Without: torch.fx.symbolic_trace.
+With example inputs: torch.export (non-strict), unlifted to a module whose parameters sit at their
+original qualified names. Dimensions 0 (batch) and 1 (sequence, for inputs of 2 or more dims) are
+dynamic where the model allows it (`Dim.AUTO`: torch.export fixes what the model needs fixed, such
+as an MLP's features or an image's channels). Without: torch.fx.symbolic_trace.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import warnings
 from typing import Any, Optional, Tuple
 
@@ -80,6 +84,94 @@ def batch_dynamic(example_inputs):
     return pytree.tree_map(spec, example_inputs)
 
 
+def dynamic_dims(example_inputs):
+    """dynamic_shapes for torch.export: dimension 0 of every tensor input, and dimension 1 of every
+    input of 2 or more dims (a sequence: token ids [B, T], features [B, T, F]), may vary.
+    Dim.AUTO: torch.export keeps static what the model fixes (an MLP's [B, F] features, an image's
+    channels) and a size of 1 in the example."""
+    def spec(t):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return {0: Dim.AUTO, 1: Dim.AUTO} if t.dim() >= 2 else {0: Dim.AUTO}
+        return None
+    return pytree.tree_map(spec, example_inputs)
+
+
+def _has_dim1(example_inputs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.dim() >= 2
+               for t in pytree.tree_leaves(example_inputs))
+
+
+def export_dynamic(module: nn.Module, args: tuple) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) with the batch and sequence dimensions dynamic (dynamic_dims).
+
+    The sequence dimension stays dynamic only where it reaches an output (a per-token model: an
+    LM's logits [B, T, vocab]); a model that reduces it away (a sequence classifier) keeps the
+    example's length, so DFA can size its feedback over it. When export fails with it dynamic,
+    the export is retried with the batch alone dynamic, and a warning says so. The error of the
+    batch-only export propagates (the caller wraps it)."""
+    if not _has_dim1(args):
+        return _export_program(module, args, batch_dynamic(args))
+    try:
+        ep = _export_program(module, args, dynamic_dims(args))
+    except Exception as exc:  # torch raises many types
+        ep = _export_program(module, args, batch_dynamic(args))
+        text = str(exc).strip().splitlines()
+        warnings.warn(
+            "salcompile: torch.export could not keep dimension 1 (the sequence) of the inputs "
+            f"dynamic ({type(exc).__name__}: {text[0] if text else ''}); it is fixed at the "
+            "example's size: call the module with that size, or capture with an example of the "
+            "size you need.", stacklevel=3)
+        return ep
+    if _dim1_symbols(ep) - _output_symbols(ep):
+        ep = _export_program(module, args, batch_dynamic(args))
+    return ep
+
+
+def _export_program(module, args, dynamic_shapes):
+    with _quiet_specialisation_notice():
+        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+class _NoSpecialisationNotice(logging.Filter):
+    """torch's "dimension ... 0/1 specialized" notice: the batch-1 warning below says it better."""
+    def filter(self, record):
+        return "0/1 specialized" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_specialisation_notice():
+    log = logging.getLogger("torch._export.non_strict_utils")
+    f = _NoSpecialisationNotice()
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
+
+
+def _symbols(sizes) -> set:
+    out = set()
+    for d in sizes:
+        if isinstance(d, torch.SymInt):
+            out |= {str(s) for s in d.node.expr.free_symbols}
+    return out
+
+
+def _dim1_symbols(ep) -> set:
+    """Symbols of dimension 1 of the user inputs that stayed dynamic."""
+    names = set(ep.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in names]
+    return _symbols(v.shape[1] for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 2)
+
+
+def _output_symbols(ep) -> set:
+    names = set(ep.graph_signature.user_outputs)
+    out = next(n for n in ep.graph.nodes if n.op == "output")
+    vals = [a.meta.get("val") for a in pytree.tree_leaves(out.args)
+            if isinstance(a, fx.Node) and a.name in names]
+    return _symbols(d for v in vals if isinstance(v, torch.Tensor) for d in v.shape)
+
+
 def _export(model: nn.Module, args: tuple) -> fx.GraphModule:
     for t in pytree.tree_leaves(args):
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1:
@@ -91,7 +183,7 @@ def _export(model: nn.Module, args: tuple) -> fx.GraphModule:
     was_training = model.training
     model.train()  # capture the training graph; mode-dependent ops are re-tied to .training later
     try:
-        ep = torch.export.export(model, args, dynamic_shapes=batch_dynamic(args), strict=False)
+        ep = export_dynamic(model, args)
     except Exception as exc:  # torch raises many types; all mean "cannot capture"
         raise SalcompileError(_capture_message("torch.export", exc)) from exc
     unlifted = ep.module()
@@ -115,9 +207,16 @@ def _capture_message(tool: str, exc: Exception) -> str:
     first = text[0] if text else type(exc).__name__
     hint = ""
     low = str(exc).lower()
-    if "control flow" in low or "data-dependent" in low or "guard" in low or "bool" in low:
+    if ("control flow" in low or "data-dependent" in low or "guard" in low or "bool" in low) \
+            and tool.endswith("symbolic_trace"):
         hint = (" The model's Python control flow depends on tensor values (e.g. `if x.sum() > 0:`). "
                 "Rewrite it with torch.where / torch.cond, or move that part into a leaf module.")
+    elif "data-dependent" in low or "guard" in low:
+        hint = (" The model's Python code branches or loops over tensor values (e.g. `if x.sum() > 0:`, "
+                "or a mixture of experts' per-expert loop `for e in experts_hit:`), which torch.export "
+                "cannot follow. Compute that part with fixed shapes: torch.where / torch.cond, or a "
+                "grouped or batched matmul over all experts. Hugging Face MoE models (Mixtral, Qwen-MoE): "
+                "call model.set_experts_implementation(\"grouped_mm\") before transform.")
     remedy = ("Pass example_inputs=(x,) so torch.export is used (it handles more models), "
               "or mark the offending submodule as a leaf." if tool.endswith("symbolic_trace")
               else "Check that example_inputs match the model's forward signature and dtypes; "

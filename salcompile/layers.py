@@ -49,6 +49,7 @@ VIEW_OPS = {"t", "transpose", "permute", "view", "reshape", "_unsafe_view", "exp
             "contiguous", "clone", "alias", "flatten", "unflatten", "_to_copy", "to", "detach",
             "lift_fresh_copy", "getitem", "sym_size", "size", "_assert_tensor_metadata",
             "movedim", "swapaxes", "mT", "T", "float", "double", "half", "bfloat16", "type_as"}
+GATHER_OPS = VIEW_OPS | {"index", "index_select"}
 # Matmul-like ops: a parameter-derived operand of one of these that is not a planned layer is a
 # weight trained by backprop (the audit pass refuses it silently happening).
 MATMUL_LIKE = {"mm", "addmm", "baddbmm", "addbmm", "bmm", "matmul", "linear", "conv1d", "conv2d",
@@ -135,6 +136,27 @@ class WeightTracer:
                 ins = n.all_input_nodes
                 self.sources[n] = set().union(*(self.sources[i] for i in ins)) if ins else set()
                 self.reads_input[n] = any(self.reads_input[i] for i in ins)
+        # Weights gathered by data-dependent integer indices (MoE experts: W[expert_ids] into a
+        # bmm): view/index ops whose float inputs are weights, their other inputs indices.
+        self.gathered: Dict[fx.Node, Set[str]] = {}
+        for n in gm.graph.nodes:
+            if n.op not in ("call_function", "call_method") or op_name(n) not in GATHER_OPS:
+                continue
+            weights, ok = set(), True
+            for i in n.all_input_nodes:
+                if not self.reads_input[i] and self.sources[i]:
+                    weights |= self.sources[i]
+                elif i in self.gathered:
+                    weights |= self.gathered[i]
+                elif not (_is_index(i) or _is_size(i)):
+                    ok = False
+            if ok and weights and self.reads_input[n]:
+                self.gathered[n] = weights
+
+    def gathered_params(self, n: Any) -> Optional[List[str]]:
+        """The parameters of a weight gathered by data-dependent indices (W[ids]), or None."""
+        src = [p for p in self.gathered.get(n, ()) if self.params[p].is_floating_point()]
+        return sorted(src, key=lambda p: (-self.params[p].numel(), p)) if src else None
 
     def weight_params(self, n: Any) -> Optional[List[str]]:
         """The floating-point parameters `n` is computed from, largest first, if `n` is a weight
@@ -153,6 +175,9 @@ class WeightTracer:
 
     def is_view_chain(self, w: fx.Node) -> bool:
         """`w` is one parameter seen through view ops only (B can be mirrored through them)."""
+        if w in self.gathered:
+            return len(self.gathered[w]) == 1 and all(
+                op_name(c) in GATHER_OPS for c in self.chain(w))
         ps = self.weight_params(w)
         return ps is not None and len(ps) == 1 and len(self.sources[w]) == 1 and all(
             op_name(c) in VIEW_OPS for c in self.chain(w))
@@ -165,7 +190,8 @@ class WeightTracer:
             if n in seen or n.op not in ("call_function", "call_method"):
                 continue
             seen.add(n)
-            stack.extend(i for i in n.all_input_nodes if not self.reads_input[i])
+            stack.extend(i for i in n.all_input_nodes if (not self.reads_input[i] and
+                                                          self.sources[i]) or i in self.gathered)
         return [n for n in w.graph.nodes if n in seen]
 
     def evaluate(self, gm: fx.GraphModule, w: fx.Node) -> torch.Tensor:
@@ -261,6 +287,19 @@ def recognise(node: fx.Node, tracer: WeightTracer, gm: fx.GraphModule):
     if t in MATMUL:
         a0, a1 = node.args[0], node.args[1]
         p0, p1 = tracer.weight_of(a0), tracer.weight_of(a1)
+        if p0 is None and p1 is None:   # W[expert_ids] against activations: a gathered weight
+            p0, p1 = tracer.gathered_params(a0), tracer.gathered_params(a1)
+            p0, p1 = (p0[0] if p0 else None), (p1[0] if p1 else None)
+            if (p0 is None) == (p1 is None):
+                if p0 is not None:
+                    return Unsupported(node, t._opname, sorted({p0, p1}),
+                                       "both operands are weights gathered by indices")
+                return None  # activation × activation
+            w = a0 if p0 is not None else a1
+            x = a1 if p0 is not None else a0
+            ps = tracer.gathered_params(w)
+            return LayerSpec(node, "matmul", t._opname, x, w, ps[0], constituents=ps,
+                             composed=not tracer.is_view_chain(w), weight_first=p0 is not None)
         if (p0 is None) == (p1 is None):
             return None  # activation × activation, or weight × weight
         w, x, p = (a0, a1, p0) if p0 is not None else (a1, a0, p1)
@@ -325,6 +364,12 @@ def _leaf_module(node: fx.Node, gm: fx.GraphModule):
                        "torch.export captures its inner layers")
 
 
+def _is_index(node: fx.Node) -> bool:
+    """An integer or boolean tensor (indices, masks): no gradient flows through it."""
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and not (val.is_floating_point() or val.is_complex())
+
+
 def _is_size(node: fx.Node) -> bool:
     """A shape value (x.size(0), sym_size, x.shape): it carries no data and no gradient."""
     if node.op == "placeholder":
@@ -353,7 +398,8 @@ def _maybe_unsupported(node: fx.Node, tracer: WeightTracer):
     name = op_name(node)
     base = name.rstrip("_")
     matmul_like = base in MATMUL_LIKE or node.target in RECURRENT
-    ps = sorted({p for i in node.all_input_nodes for p in (tracer.weight_params(i) or [])
+    ps = sorted({p for i in node.all_input_nodes
+                 for p in (tracer.weight_params(i) or tracer.gathered_params(i) or [])
                  if matmul_like or tracer.params[p].dim() >= 2})
     if not ps:
         return None

@@ -27,7 +27,7 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
 def weight_alignment(module) -> Dict[str, float]:
     """{weight name: angle(W, B) in degrees} for every FA layer."""
     sal = require_sal(module)
-    params = dict(sal.named_parameters())
+    params = _all_parameters(sal)
     return {l.weight: angle_degrees(params[l.weight], sal.get_buffer(l.feedback_buffer))
             for l in sal.sal_plan.layers if l.feedback == "fa" and l.feedback_buffer}
 
@@ -41,8 +41,15 @@ def backprop_reference(module) -> fx.GraphModule:
     return ref
 
 
+def _all_parameters(module) -> Dict[str, torch.nn.Parameter]:
+    """{name: parameter} under every name: a tied parameter (GPT-2's lm_head.weight and
+    transformer.wte.weight) appears under each of its names, as the plan may use either;
+    `named_parameters()` alone keeps only the first."""
+    return dict(module.named_parameters(remove_duplicate=False))
+
+
 def _grads(module, loss_fn, inputs, names):
-    params = dict(module.named_parameters())
+    params = _all_parameters(module)
     wanted = [params[n] for n in names]
     loss = loss_fn(module(*inputs))
     return dict(zip(names, torch.autograd.grad(loss, wanted, allow_unused=True)))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Tuple
@@ -49,6 +50,16 @@ def _onnx_route(features, proj, prototypes):
     u = features.to(proj.dtype).matmul(proj.t())
     z = u / u.norm(dim=-1, keepdim=True).clamp_min(_TINY)   # F.normalize, same eps
     return z.matmul(prototypes.t()).argmax(-1)
+
+
+def _onnx_grouped_mm(x, weight, offs):
+    """fa_grouped_mm's forward without host reads: every expert's matmul on every row, kept
+    where the row lies in that expert's offsets (E is static; masked-dense, as the area ops)."""
+    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)
+    ends = offs.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    mask = ((rows >= starts) & (rows < ends)).to(x.dtype)          # [rows, E]
+    return torch.einsum("re,reo->ro", mask, torch.einsum("ri,eio->reo", x, weight))
 
 
 def _onnx_area_linear(x, area, weight, bias, areas: int, mode: str, input_block: bool):
@@ -131,6 +142,8 @@ def inference_graph(sal) -> fx.GraphModule:
             fn, args = aten.matmul.default, (a[1], a[0]) if a[3] else (a[0], a[1])
         elif t is s.fa_einsum.default:
             fn, args = aten.einsum.default, (a[0], [a[2], a[1]] if a[4] else [a[1], a[2]])
+        elif t is s.fa_grouped_mm.default:
+            fn, args = _onnx_grouped_mm, tuple(a[:3])
         elif t is s.region_gate.default:
             fn, args = _onnx_route, tuple(a[:3])
         elif t in linear_targets:
@@ -204,34 +217,116 @@ def _first_line(exc) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _dynamic_shapes(example_inputs, dynamic_batch: bool):
+def _dynamic_shapes(example_inputs, dynamic_batch: bool, gm: Optional[fx.GraphModule] = None):
+    """Dimension 0 of every tensor input; with `gm`, also every dimension its capture left
+    dynamic (the sequence of a language model: capture.dynamic_dims), read from its placeholders.
+    Not Dim.AUTO on every dimension 1: the exporter would leave an MLP's features or an image's
+    channels nominally dynamic (a symbol with range [8, 8])."""
     if not dynamic_batch:
         return None
+    from torch.export import Dim
     from .capture import batch_dynamic
-    return batch_dynamic(tuple(example_inputs))
+    spec = batch_dynamic(tuple(example_inputs))
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"] if gm is not None else []
+    if len(phs) != len(spec):
+        return spec
+    out = []
+    for n, x, dims in zip(phs, example_inputs, spec):
+        v = n.meta.get("val")
+        if isinstance(x, torch.Tensor) and isinstance(v, torch.Tensor) and v.dim() == x.dim() \
+                and isinstance(dims, dict):
+            dims = {**dims, **{d: Dim.AUTO for d, size in enumerate(v.shape)
+                               if isinstance(size, torch.SymInt) and size.node.expr.free_symbols}}
+        out.append(dims)
+    return tuple(out)
+
+
+def _beyond_batch(spec) -> bool:
+    return bool(spec) and any(isinstance(d, dict) and set(d) - {0} for d in spec)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _causes(exc: BaseException):
+    """exc, then what it was raised from (or during), innermost last."""
+    seen = []
+    while exc is not None and exc not in seen and len(seen) < 12:
+        seen.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return seen
+
+
+def _lines(exc: BaseException):
+    return [ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+
+
+def failure_cause(exc: BaseException, max_lines: int = 2) -> str:
+    """'Type: first line(s)' of the innermost cause of `exc` (the exporters wrap the real error,
+    e.g. a DispatchError naming an op without an ONNX function, in generic ones), with the
+    node being translated when a wrapper names it."""
+    chain = _causes(exc)
+    root = chain[-1]
+    text = " ".join(_lines(root)[:max_lines]) or "(no message)"
+    if len(text) > 600:
+        text = text[:600] + "..."
+    out = f"{type(root).__name__}: {text}"
+    where = next((ln for e in chain[1:-1] for ln in _lines(e)[:1]
+                  if "node" in ln.lower() and ln not in text), None)
+    if where:
+        out += f" [{where}]"
+    return out
 
 
 def exporter_error(who: str, exc: Exception) -> SalcompileError:
-    """The exporter's own error, cut to its telling line."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    why = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
-    return SalcompileError(f"{who}: the ONNX exporter failed ({type(exc).__name__}: "
-                           f"{(why or lines or [''])[-1]}).")
+    """The exporter's failure with its real cause: the exporter's own message is generic (its
+    ConversionError says 'Refer to the full stack trace above'), the cause is in __cause__."""
+    chain = _causes(exc)
+    if len(chain) > 1:
+        cause = failure_cause(exc)
+    else:
+        lines = _lines(exc)
+        why = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
+        cause = f"{type(exc).__name__}: {(why or lines or [''])[-1]}"
+    hint = ""
+    if "No ONNX function found" in cause or "no onnx function" in cause.lower():
+        hint = (" An op of the model has no ONNX translation: replace it in the model with "
+                "standard torch ops, or give it one (an onnxscript function in torch.onnx.export's "
+                "custom_translation_table; salcompile.onnx_export.export_graph passes one on).")
+    via = f" (reported as {type(exc).__name__})" if len(chain) > 1 else ""
+    return SalcompileError(f"{who}: the ONNX exporter failed: {cause}{via}.{hint}")
 
 
 def export_graph(gm: fx.GraphModule, example_inputs: tuple, dynamic_batch: bool, who: str,
-                 opset: Optional[int] = None, custom_translation_table: Optional[dict] = None):
+                 opset: Optional[int] = None, custom_translation_table: Optional[dict] = None,
+                 sequence: bool = False):
     """(ONNX ModelProto, the eager output) of an inference graph: a trial run first (clear errors
     for wrong inputs), then the dynamo exporter (dynamo_export).
-    `custom_translation_table`: {op overload: onnxscript function}, passed to the exporter."""
+    `custom_translation_table`: {op overload: onnxscript function}, passed to the exporter.
+    `sequence` (with dynamic_batch): the dimensions beyond the batch that `gm`'s capture left
+    dynamic (the sequence: capture.dynamic_dims) are dynamic in the ONNX graph too; when the
+    export fails with them, it is retried with the batch alone dynamic, with a warning."""
     try:
         with torch.no_grad():
             out = gm(*example_inputs)
     except Exception as exc:
         raise SalcompileError(f"{who}: the module does not run on example_inputs "
                               f"({type(exc).__name__}: {_first_line(exc)}).") from exc
-    proto = dynamo_export(gm, example_inputs, _dynamic_shapes(example_inputs, dynamic_batch), who,
-                          opset, custom_translation_table)
+    spec = _dynamic_shapes(example_inputs, dynamic_batch, gm if sequence else None)
+    if _beyond_batch(spec):
+        try:
+            return dynamo_export(gm, example_inputs, spec, who, opset,
+                                 custom_translation_table), out
+        except SalcompileError as exc:
+            first = exc
+        proto = dynamo_export(gm, example_inputs, _dynamic_shapes(example_inputs, True), who,
+                              opset, custom_translation_table)
+        warnings.warn(f"{who}: the export with dimension 1 (the sequence) dynamic failed "
+                      f"({str(first).split(': ', 1)[-1]}); exported with the batch alone dynamic, "
+                      "so the ONNX model takes only the example's sequence length.",
+                      stacklevel=3)
+        return proto, out
+    proto = dynamo_export(gm, example_inputs, spec, who, opset, custom_translation_table)
     return proto, out
 
 
@@ -265,7 +360,10 @@ def export_onnx(module, example_inputs: Tuple[Any, ...], path, dynamic_batch: bo
 
     `module`: a module returned by salcompile.transform (or its torch.compile wrapper).
     `example_inputs`: a tuple of inputs (a batch of 2 or more when `dynamic_batch`, which makes
-    dimension 0 of every tensor input dynamic). `opset`: the ONNX opset (None: the exporter's
+    dimension 0 of every tensor input dynamic, and dimension 1 of every input of 2 or more dims
+    (the sequence) where the module allows it: a language model's ONNX graph then takes any
+    sequence length the module takes; dimensions the model fixes, such as an MLP's features or an
+    image's channels, stay static). `opset`: the ONNX opset (None: the exporter's
     default). An existing `path` is an error unless `force`. The file is written atomically.
     FA/DFA feedback, routing statistics and finite checks are training-only and left out; routed
     (area) layers are exported in masked-dense form (every area's block on every row, masked).
@@ -277,7 +375,7 @@ def export_onnx(module, example_inputs: Tuple[Any, ...], path, dynamic_batch: bo
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     proto, _ = export_graph(inference_graph(sal), example_inputs, dynamic_batch, "export_onnx",
-                            opset)
+                            opset, sequence=True)
     import onnx
     try:
         onnx.checker.check_model(proto)
@@ -289,3 +387,16 @@ def export_onnx(module, example_inputs: Tuple[Any, ...], path, dynamic_batch: bo
 
 
 __all__ = ["export_onnx", "inference_graph"]
+
+
+def refuse_training_export(sal, who: str) -> None:
+    """The training exporters edit or trace a layer's backward by its weight parameter: composed
+    weights (LoRA, parametrizations) and grouped_mm experts are not covered yet. Refuse them
+    rather than export a graph whose backward would be backprop's."""
+    odd = [f"{l.name} ({'composed weight' if l.constituents else l.op})" for l in sal.sal_plan.layers
+           if l.constituents or l.op == "grouped_mm"]
+    if odd:
+        raise SalcompileError(
+            f"{who}: layers {', '.join(odd)} are not supported by the ONNX Runtime training "
+            "exporters yet (their FA backward would not survive the export). Train them in torch "
+            "(eager or salcompile.compile); export_onnx gives their inference graph.")

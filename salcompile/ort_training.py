@@ -63,7 +63,7 @@ from .module import SALModule, require_sal
 from .train_step_graph import _batch_norm   # batch statistics in plain ops
 from .onnx_export import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
                           _first_line, _require_onnx, check_training_choices, export_graph,
-                          inference_graph)
+                          failure_cause, inference_graph)
 
 ARTIFACTS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 WHO = "export_ort_training"
@@ -340,6 +340,8 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir,
     "dfa_taps": taps given e·D, "gates": gate projections given their local rule}.
     """
     sal = require_sal(module)
+    from .onnx_export import refuse_training_export
+    refuse_training_export(sal, "export_ort_training")
     _check_supported(sal, loss, optimizer)
     _require_onnx(WHO)
     artifacts = _require_ort_training()
@@ -382,7 +384,7 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir,
                                              artifact_directory=str(tmp))
         except Exception as exc:
             raise SalcompileError(f"{WHO}: onnxruntime-training's generate_artifacts failed "
-                                  f"({type(exc).__name__}: {_first_line(exc)}).") from exc
+                                  f"({failure_cause(exc)}).") from exc
         model = onnx.load(str(tmp / "training_model.onnx"))
         counts = _edit_training_model(model, sal, marks, taps, gates, set(trained))
         for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):

@@ -38,6 +38,7 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     p = _passes()
     original_keys = _state_keys(model)
     gm, how = capture(model, example_inputs)
+    gm = p.functionalize_inplace(gm)   # in-place ops: explicit dataflow, out of place if safe
     gm = p.normalize_layers(gm)
     gm = p.decompose_addmm(gm)
     gm = p.follow_training_mode(gm)
@@ -47,6 +48,12 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
                       "einsum) in the model: nothing to rewrite, it trains as before.", stacklevel=2)
     if config.gated:
         regions = p.find_regions(gm, specs, plan, tracer, head, config)
+        if not regions and config.areas > 1 and plan.layers:
+            why = next((n for n in plan.notes if n.startswith("no SAL region: ")), "no SAL region: ")
+            warnings.warn(f"salcompile: areas={config.areas} but no layer is gated "
+                          f"({why[len('no SAL region: '):]}): the model trains dense with "
+                          f"{config.feedback}; choose the layers to gate with "
+                          "SALConfig(gate_layers=[...]), or pass areas=1.", stacklevel=2)
         gm, routes = p.insert_gates(gm, regions, tracer, config)
         gm = p.make_area_ops(gm, specs, plan, tracer, routes, config)
     if config.feedback == "fa":

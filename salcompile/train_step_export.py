@@ -46,7 +46,8 @@ from .train_step_graph import _decompositions, _loss, _Optimizer, _trainable_gra
 from .ort_graph_edit import cast_like_to_cast
 from .train_step_session import LOSS, NEW, STEP
 from .onnx_export import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
-                          _first_line, _require_onnx, check_training_choices, dynamo_export)
+                          _first_line, _require_onnx, check_training_choices, dynamo_export,
+                          failure_cause)
 
 TARGET = "target"
 
@@ -178,8 +179,8 @@ def _trace(step, flat, n_data: int, dynamic_batch: bool):
     except SalcompileError:
         raise
     except Exception as exc:
-        raise SalcompileError(f"{_WHO}: cannot trace the training step ({type(exc).__name__}: "
-                              f"{_first_line(exc)}).") from exc
+        raise SalcompileError(f"{_WHO}: cannot trace the training step "
+                              f"({failure_cause(exc)}).") from exc
 
 
 # ---------------------------------------------------------------- ONNX
@@ -277,6 +278,8 @@ def export_train_step(module, example_inputs: Tuple[Any, ...], path, loss: str =
     Returns {"path", "inputs", "outputs", "parameters", "state", "constants"}.
     """
     sal = require_sal(module)
+    from .onnx_export import refuse_training_export
+    refuse_training_export(sal, "export_train_step")
     check_training_choices(_WHO, loss, optimizer)
     out_path = check_output(path, force)
     _require_onnx(_WHO)

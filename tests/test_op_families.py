@@ -300,3 +300,12 @@ def test_roles_cover_frozen_and_tied_parameters():
     frozen[0].weight.requires_grad_(False)
     sal = salcompile.transform(frozen, example_inputs=(torch.randn(2, 4),), areas=1)
     assert sal.sal_plan.roles["0.weight"] == "frozen"
+
+
+def test_training_exporters_refuse_composed_weights_instead_of_exporting_backprop(tmp_path):
+    x = torch.randn(4, 5)
+    sal = salcompile.transform(LoRA(), example_inputs=(x,), areas=1)
+    with pytest.raises(SalcompileError, match="export_ort_training: layers linear .composed"):
+        salcompile.export_ort_training(sal, (x,), tmp_path / "art")
+    with pytest.raises(SalcompileError, match="export_train_step: layers linear .composed"):
+        salcompile.export_train_step(sal, (x,), tmp_path / "step.onnx")
