@@ -26,7 +26,8 @@ class LeNet5(nn.Module):
 
 class BasicBlock(nn.Module):
     """3×3 conv-BN-ReLU, 3×3 conv-BN, identity skip; option-A shortcut (stride-2 subsample and
-    zero-padded channels, no parameters) when the shape changes."""
+    zero-padded channels, no parameters) when the shape changes. Written the torchvision way
+    (`nn.ReLU(inplace=True)`, `out += identity`): the in-place idioms salcompile must handle."""
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -34,16 +35,18 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
         self.stride, self.pad = stride, cout - cin
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         skip = x
         if self.stride != 1 or self.pad:
             skip = F.pad(x[:, :, ::self.stride, ::self.stride],
                          (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + skip)
+        out += skip
+        return self.relu(out)
 
 
 class ResNet20(nn.Module):
@@ -68,5 +71,5 @@ class ResNet20(nn.Module):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     def forward(self, x):
-        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        x = self.layers(F.relu(self.bn1(self.conv1(x)), inplace=True))
         return self.fc(x.mean((2, 3)))

@@ -5,7 +5,7 @@ from typing import Any, Tuple
 
 import torch
 
-from .capture import batch_dynamic
+from .capture import export_dynamic
 from .errors import SalcompileError
 from .files import PLAN_FILE, atomic_write, check_output, load_export, module_from_export
 from .module import require_sal
@@ -28,8 +28,7 @@ def save(module, example_inputs: Tuple[Any, ...], path, force: bool = False) -> 
     try:
         with routing_counts_kept(sal, zero=True):
             try:
-                ep = torch.export.export(sal, tuple(example_inputs), strict=False,
-                                         dynamic_shapes=batch_dynamic(tuple(example_inputs)))
+                ep = export_dynamic(sal, tuple(example_inputs))   # batch and sequence
             except Exception as exc:
                 raise SalcompileError(f"could not export the transformed module: "
                                       f"{type(exc).__name__}: {exc}") from exc

@@ -290,3 +290,23 @@ def test_exporter_error_reads_the_cause_chain():
     # no chain: the exporter's own telling line, as before
     plain = exporter_error("w", RuntimeError("header\nTypeError: bad arg\nfooter"))
     assert str(plain) == "w: the ONNX exporter failed: RuntimeError: TypeError: bad arg."
+
+
+def test_a_saved_archive_keeps_the_sequence_dynamic(tmp_path):
+    """salcompile.save exports batch and sequence dynamic: the reloaded module takes another
+    length, in train and eval mode, with the saved module's outputs and gradients."""
+    sal = transform(gpt(), tokens(2, 8), areas=4)
+    salcompile.save(sal, (tokens(2, 8),), tmp_path / "gpt.pt2")
+    back = salcompile.load(tmp_path / "gpt.pt2")
+    t = tokens(3, 5)
+    for mode in ("train", "eval"):
+        getattr(sal, mode)()
+        getattr(back, mode)()
+        torch.testing.assert_close(back(t), sal(t))
+    sal.train()
+    back.train()
+    mine, theirs = dict(sal.named_parameters()), dict(back.named_parameters())
+    g0 = torch.autograd.grad(sal(t).square().mean(), list(mine.values()))
+    g1 = torch.autograd.grad(back(t).square().mean(), [theirs[n] for n in mine])
+    for n, a, b in zip(mine, g0, g1):
+        torch.testing.assert_close(b, a, msg=n)
