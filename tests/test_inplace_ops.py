@@ -35,16 +35,19 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        if self.inplace:
-            out += identity
-        else:
-            out = out + identity
-        return self.relu(out)
+        return _skip_relu(self, out, x)
+
+
+def _skip_relu(block, out, x):
+    """torchvision's block ending: `out += identity; out = self.relu(out)` (or out of place)."""
+    identity = x if block.downsample is None else block.downsample(x)
+    if block.inplace:
+        out += identity
+    else:
+        out = out + identity
+    return block.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -64,17 +67,10 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        if self.inplace:
-            out += identity
-        else:
-            out = out + identity
-        return self.relu(out)
+        return _skip_relu(self, out, x)
 
 
 class ResNet(nn.Module):
