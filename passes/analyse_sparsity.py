@@ -197,6 +197,50 @@ def product_state(node: fx.Node, state_of) -> Optional[SparseState]:
     return None
 
 
+def _is_view_op(t) -> bool:
+    rets = t._schema.returns
+    return bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
+
+
+_TORCH_VIEW_METHODS = {"view", "reshape", "narrow", "select", "transpose", "t", "permute",
+                       "squeeze", "unsqueeze", "expand", "flatten", "unflatten", "view_as",
+                       "__getitem__", "split", "chunk", "unbind", "diagonal", "movedim"}
+
+
+def _torch_view(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target in _TORCH_VIEW_METHODS
+    return n.op == "call_function" and (n.target is operator.getitem or getattr(
+        n.target, "__name__", "") in _TORCH_VIEW_METHODS)
+
+
+def _mutated_through_views(gm: fx.GraphModule) -> set:
+    """Names of values an in-place op mutates through a view of them (passes/
+    functionalize_inplace.py rebinds direct mutations; these it must leave): they count as dense."""
+    out = set()
+    for n in gm.graph.nodes:
+        t = n.target
+        if n.op == "call_method" and t.endswith("_") and not t.startswith("_") and n.args:
+            r = n.args[0]   # symbolic_trace: h[:, :3].add_(1) is getitem, then a method
+            while isinstance(r, fx.Node) and _torch_view(r):
+                r = r.args[0]
+            if isinstance(r, fx.Node) and r is not n.args[0]:
+                out.add(r.name)
+            continue
+        if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+            continue
+        for i, a in enumerate(t._schema.arguments):
+            if a.alias_info is None or not a.alias_info.is_write or i >= len(n.args):
+                continue
+            r = n.args[i]
+            while isinstance(r, fx.Node) and r.op == "call_function" and \
+                    isinstance(r.target, torch._ops.OpOverload) and _is_view_op(r.target):
+                r = r.args[0]
+            if isinstance(r, fx.Node) and r is not n.args[i]:
+                out.add(r.name)
+    return out
+
+
 def analyse_sparsity(gm: fx.GraphModule, sources: Dict[str, SparseState]) -> Dict[str, SparseState]:
     """sources: {node name of a partition-gated layer: its output state}. Returns the state of
     every area-sparse value (nodes absent from the result are dense)."""
@@ -205,7 +249,10 @@ def analyse_sparsity(gm: fx.GraphModule, sources: Dict[str, SparseState]) -> Dic
     nodes = {n.name: n for n in gm.graph.nodes}
     flow = dataflow_graph(gm.graph)
     state: Dict[str, SparseState] = {}
+    mutated = _mutated_through_views(gm)
     for name in nx.topological_sort(flow):
+        if name in mutated:   # h[:, :3].add_(1): what h holds later is not what the graph says
+            continue
         if name in sources:
             state[name] = sources[name]
             continue

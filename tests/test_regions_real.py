@@ -350,3 +350,30 @@ def test_composed_weight_stays_dense():
     assert modes == {"W": "", "fc.weight": "partition", "head.weight": "exit"}
     with pytest.raises(SalcompileError, match="composed from several parameters"):
         salcompile.transform(LoRA(), (torch.randn(2, 8),), areas=4, gate_layers=["W"])
+
+
+class _ViewMutation(torch.nn.Module):
+    """h[:, :3].add_(1) writes into h through a view: h is no longer area-sparse."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h[:, :3].add_(1.0)
+        return self.c(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["export", "symbolic_trace"])
+def test_a_value_mutated_through_a_view_is_dense(example):
+    torch.manual_seed(0)
+    model, x = _ViewMutation().double(), torch.randn(6, 4, dtype=torch.float64)
+    inputs = (x,) if example else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = salcompile.transform(model, example_inputs=inputs, areas=2)
+        ref = salcompile.transform(model, example_inputs=inputs, areas=2, area_impl="reference")
+    b = next(l for l in fast.sal_plan.layers if l.name == "b")
+    assert b.sees == "dense" and not b.input_block
+    torch.testing.assert_close(fast(x), ref(x))
