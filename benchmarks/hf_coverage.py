@@ -1,6 +1,7 @@
 """What salcompile does to real architectures: per Hugging Face model (tiny configs, random
-weights, built offline by tests/hf_models.py), the layers that train by a feedback rule, the
-parameters with a local gradient, those left on backprop, and the SAL regions at areas=4.
+weights, built offline by tests/hf_models.py) and per zoo model (its tiny version), the layers that
+train by a feedback rule, the parameters with a local gradient, those left on backprop, and the
+SAL regions at areas=4 (default regions).
 
     python benchmarks/hf_coverage.py [--areas 4]
 
@@ -44,6 +45,20 @@ def row(name, build, areas):
             notes[:90]]
 
 
+def zoo_builders():
+    from salcompile.models import REGISTRY, build, example_input
+
+    def builder(name):
+        entry = REGISTRY[name]
+
+        def make():
+            torch.manual_seed(0)
+            model = build(name, **entry.tiny)
+            return model, (example_input(name, batch=3, **entry.tiny),), None, None
+        return make
+    return {f"zoo:{n}": builder(n) for n in REGISTRY}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--areas", type=int, default=4)
@@ -53,7 +68,8 @@ def main() -> None:
     import hf_models
     header = ["model", "FA layers", "composed / grouped_mm", "local params", "backprop params",
               f"regions (areas={args.areas})", "transform s (both)", "notes"]
-    rows = [row(name, build, args.areas) for name, build in hf_models.BUILDERS.items()]
+    builders = {**hf_models.BUILDERS, **zoo_builders()}
+    rows = [row(name, build, args.areas) for name, build in builders.items()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)

@@ -49,9 +49,10 @@ def load(path) -> torch.nn.Module:
     from .module import SALModule
     from .plan import Plan
     extra = {PLAN_FILE: ""}
-    gm = module_from_export(load_export(path, extra_files=extra))
+    ep = load_export(path, extra_files=extra)
     if not extra[PLAN_FILE]:
-        return gm
+        return module_from_export(ep)
+    gm = module_from_export(ep, keep_guards=True)
     plan = Plan.from_json(extra[PLAN_FILE])
     fields = dict(plan.config)
     if not isinstance(fields.get("gate_layers"), (list, type(None))):

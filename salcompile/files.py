@@ -91,14 +91,18 @@ def load_export(path, extra_files=None) -> torch.export.ExportedProgram:
                               "Re-create it with torch.export.save.") from exc
 
 
-def module_from_export(ep: torch.export.ExportedProgram) -> torch.nn.Module:
-    """A trainable module from an exported program, without the input-shape guards of that export
-    (a later transform() exports again and derives its own)."""
+def module_from_export(ep: torch.export.ExportedProgram,
+                       keep_guards: bool = False) -> torch.nn.Module:
+    """A trainable module from an exported program. Without `keep_guards`, the input-shape guards
+    of that export are dropped (a later transform() exports again and derives its own); with it,
+    a call outside the captured shapes fails at the guard (SALModule turns that into a
+    SalcompileError naming the dimension) instead of deep inside the graph."""
     import torch.fx as fx
     unlifted = ep.module()
     gm = fx.GraphModule(unlifted, unlifted.graph)
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users \
+                and not keep_guards:
             gm.graph.erase_node(node)
     gm.recompile()
     return gm

@@ -310,3 +310,12 @@ def test_a_saved_archive_keeps_the_sequence_dynamic(tmp_path):
     g1 = torch.autograd.grad(back(t).square().mean(), [theirs[n] for n in mine])
     for n, a, b in zip(mine, g0, g1):
         torch.testing.assert_close(b, a, msg=n)
+
+
+def test_a_reloaded_archive_called_outside_its_shapes_says_which_dimension(tmp_path):
+    sal = transform(mlp(), torch.randn(4, 8), areas=1)
+    salcompile.save(sal, (torch.randn(4, 8),), tmp_path / "mlp.pt2")
+    back = salcompile.load(tmp_path / "mlp.pt2")
+    back(torch.randn(3, 8))
+    with pytest.raises(salcompile.SalcompileError, match="dimension 1 of input .* fixed at 8"):
+        back(torch.randn(3, 5))
