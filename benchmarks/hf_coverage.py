@@ -1,7 +1,7 @@
 """What salcompile does to real architectures: per Hugging Face model (tiny configs, random
 weights, built offline by tests/hf_models.py) and per zoo model (its tiny version), the layers that
 train by a feedback rule, the parameters with a local gradient, those left on backprop, and the
-SAL regions at areas=4 (default regions).
+SAL regions at areas=4 (default regions; zoo entries with their own SAL settings).
 
     python benchmarks/hf_coverage.py [--areas 4]
 
@@ -24,14 +24,15 @@ import salcompile  # noqa: E402
 from salcompile.files import atomic_write_text  # noqa: E402
 
 
-def row(name, build, areas):
+def row(name, build, areas, overrides=None):
     model, inputs, _, _ = build()
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dense = salcompile.transform(model, example_inputs=inputs, areas=1)
-            gated = salcompile.transform(model, example_inputs=inputs, areas=areas)
+            gated = salcompile.transform(model, example_inputs=inputs,
+                                         **{**(overrides or {}), "areas": areas})
     except salcompile.SalcompileError as exc:
         return [name, "-", "-", "-", "-", "-", "-", f"refused: {str(exc)[:90]}..."]
     seconds = time.perf_counter() - t0
@@ -56,7 +57,7 @@ def zoo_builders():
             model = build(name, **entry.tiny)
             return model, (example_input(name, batch=3, **entry.tiny),), None, None
         return make
-    return {f"zoo:{n}": builder(n) for n in REGISTRY}
+    return {f"zoo:{n}": (builder(n), REGISTRY[n].sal) for n in REGISTRY}
 
 
 def main() -> None:
@@ -68,8 +69,8 @@ def main() -> None:
     import hf_models
     header = ["model", "FA layers", "composed / grouped_mm", "local params", "backprop params",
               f"regions (areas={args.areas})", "transform s (both)", "notes"]
-    builders = {**hf_models.BUILDERS, **zoo_builders()}
-    rows = [row(name, build, args.areas) for name, build in builders.items()]
+    builders = {**{n: (b, None) for n, b in hf_models.BUILDERS.items()}, **zoo_builders()}
+    rows = [row(name, build, args.areas, sal) for name, (build, sal) in builders.items()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
