@@ -31,6 +31,9 @@ class SALModule(fx.GraphModule):
             "sal_plan": plan, "sal_config": config, "sal_original_keys": self.sal_original_keys}
         self.register_load_state_dict_post_hook(_allow_missing_feedback)
 
+    # Not traced itself (recursive=False: the module's forward still is): dynamo would guard this
+    # frame on the type of `self`, a new class per GraphModule, and recompile for every module.
+    @torch.compiler.disable(recursive=False)
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
             return super().__call__(*args, **kwargs)

@@ -1,6 +1,7 @@
 """Backends give the eager transformed model's gradients: torch.compile and export round trips."""
 import pytest
 import torch
+from torch import nn
 
 import salcompile
 from conftest import dense_transform, ResCNN, assert_grads_equal, grads, mlp
@@ -87,3 +88,17 @@ def test_sal_areas_compile_and_reload_with_the_eager_gradients(tmp_path, mode):
     assert salcompile.routing_stats(loaded)["gate_0"]["rows"] == 0  # archives start fresh
     assert_grads_equal(grads(loaded, x), eager, rtol=1e-6, atol=1e-7)
     assert salcompile.routing_stats(loaded)["gate_0"]["rows"] == 12
+
+
+def test_many_transformed_modules_compile_in_one_process():
+    """Each SALModule is a class of its own: compiling more of them than dynamo's recompile limit
+    (8) in one process must still give one full graph each, not a recompile-limit failure."""
+    from torch._dynamo.utils import counters
+    before = counters["stats"]["unique_graphs"]
+    for i in range(10):
+        torch.manual_seed(i)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        sal = salcompile.transform(model, example_inputs=(torch.randn(3, 4),), areas=1)
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(salcompile.compile(sal, backend="aot_eager")(x), sal(x))
+    assert counters["stats"]["unique_graphs"] - before == 10
