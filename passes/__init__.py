@@ -18,6 +18,7 @@ from .make_area_ops import make_area_ops
 from .normalize_layers import normalize_layers
 from .strip_feedback import strip_feedback
 
-__all__ = ["normalize_layers", "decompose_addmm", "follow_training_mode", "functionalize_inplace", "find_regions", "analyse_sparsity",
-           "insert_gates", "make_area_ops", "attach_fa", "attach_dfa", "guard_finite",
-           "fuse_regions", "unfuse_regions", "strip_feedback", "audit_parameters"]
+__all__ = ["functionalize_inplace", "normalize_layers", "decompose_addmm", "follow_training_mode",
+           "find_regions", "analyse_sparsity", "insert_gates", "make_area_ops", "attach_fa",
+           "attach_dfa", "guard_finite", "fuse_regions", "unfuse_regions", "audit_parameters",
+           "strip_feedback"]

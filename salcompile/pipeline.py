@@ -40,7 +40,7 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     gm, how = capture(model, example_inputs)
     gm = p.functionalize_inplace(gm)   # in-place ops: explicit dataflow, out of place if safe
     gm = p.normalize_layers(gm)
-    gm = p.decompose_addmm(gm)
+    gm = p.decompose_addmm(gm)          # addmm & co: a layer plus an add
     gm = p.follow_training_mode(gm)
     plan, specs, tracer, head = analyse(gm, config, how)
     if not plan.layers:
@@ -49,11 +49,7 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     if config.gated:
         regions = p.find_regions(gm, specs, plan, tracer, head, config)
         if not regions and config.areas > 1 and plan.layers:
-            why = next((n for n in plan.notes if n.startswith("no SAL region: ")), "no SAL region: ")
-            warnings.warn(f"salcompile: areas={config.areas} but no layer is gated "
-                          f"({why[len('no SAL region: '):]}): the model trains dense with "
-                          f"{config.feedback}; choose the layers to gate with "
-                          "SALConfig(gate_layers=[...]), or pass areas=1.", stacklevel=2)
+            _warn_nothing_routed(plan, config)
         gm, routes = p.insert_gates(gm, regions, tracer, config)
         gm = p.make_area_ops(gm, specs, plan, tracer, routes, config)
     if config.feedback == "fa":
@@ -63,13 +59,21 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     if config.check_finite:
         gm = p.guard_finite(gm, specs, plan)
     if config.gated and config.area_impl == "fast" and config.fuse_regions:
-        gm = p.fuse_regions(gm, plan, config)   # last: feedback buffers and guards in place
-    gm = p.audit_parameters(gm, plan, config)   # last: checks the finished graph
+        gm = p.fuse_regions(gm, plan, config)   # after feedback buffers and guards are in place
+    gm = p.audit_parameters(gm, plan, config)   # last: every weight use of the finished graph
     for u in plan.backprop:
         warnings.warn(f"salcompile: {u.name} ({u.op}) keeps backprop: {u.reason}.", stacklevel=2)
     sal = SALModule(gm, gm.graph, plan, config, original_keys)
     sal.train(getattr(model, "training", True))
     return sal
+
+
+def _warn_nothing_routed(plan: Plan, config: SALConfig) -> None:
+    why = next((n for n in plan.notes if n.startswith("no SAL region: ")), "no SAL region: ")
+    warnings.warn(f"salcompile: areas={config.areas} but no layer is gated "
+                  f"({why[len('no SAL region: '):]}): the model trains dense with "
+                  f"{config.feedback}; choose the layers to gate with "
+                  "SALConfig(gate_layers=[...]), or pass areas=1.", stacklevel=3)
 
 
 def _state_keys(model):
