@@ -205,14 +205,15 @@ class WeightTracer:
             if a.op == "get_attr":   # a tensor (copied), or a submodule a higher-order op runs
                 v = _fetch(gm, a.target)
                 env[a] = v.detach().clone() if isinstance(v, torch.Tensor) else v
-                return env[a]
-            raise KeyError(a.name)
+            elif a.op in ("call_function", "call_method") and not self.reads_input[a]:
+                args = fx.node.map_arg(a.args, load)   # the chain, or a buffer-only value
+                kwargs = fx.node.map_arg(a.kwargs, load)
+                env[a] = a.target(*args, **kwargs) if a.op == "call_function" else \
+                    getattr(args[0], a.target)(*args[1:], **kwargs)
+            else:
+                raise KeyError(a.name)
+            return env[a]
         with torch.no_grad():
-            for c in self.chain(w):
-                args = fx.node.map_arg(c.args, load)
-                kwargs = fx.node.map_arg(c.kwargs, load)
-                env[c] = c.target(*args, **kwargs) if c.op == "call_function" else \
-                    getattr(args[0], c.target)(*args[1:], **kwargs)
             return load(w)
 
 

@@ -101,7 +101,21 @@ class LearntScale(nn.Module):
         return self.out(torch.cat([h, c], 1))
 
 
-CASES = {"addmm": (AddmmFamily, (4, 5)), "conv1d_style": (Conv1DStyle, (2, 3, 5)),
+class MaskedScaled(nn.Module):
+    """A composed weight that also reads a buffer through ops of its own (a pruning mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(6, 5) * 0.4)
+        self.g = nn.Parameter(torch.ones(6, 1))
+        self.register_buffer("mask", torch.rand(6, 5, generator=torch.Generator().manual_seed(0)))
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(F.linear(x, self.g * self.W * (self.mask > 0.5))))
+
+
+CASES = {"addmm": (AddmmFamily, (4, 5)), "masked_scaled": (MaskedScaled, (4, 5)), "conv1d_style": (Conv1DStyle, (2, 3, 5)),
          "lora": (LoRA, (4, 5)), "parametrized": (Parametrized, (4, 5)),
          "learnt_scale": (LearntScale, (4, 5))}
 
