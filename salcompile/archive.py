@@ -39,7 +39,8 @@ def save(module, example_inputs: Tuple[Any, ...], path, force: bool = False) -> 
 
 
 def load(path) -> torch.nn.Module:
-    """Load an archive written by `save`/`convert` as a trainable module (train mode).
+    """Load an archive written by `save`/`convert` as a trainable module (train mode; `.eval()`
+    switches dropout off and batch norm to its running statistics, as in the saved module).
 
     Archives salcompile wrote carry their plan: they come back as a SALModule, so `plan()`,
     `routing_stats`, `feedback_matrices` and `export_onnx` work on them. Other archives come back
@@ -49,10 +50,13 @@ def load(path) -> torch.nn.Module:
     from .module import SALModule
     from .plan import Plan
     extra = {PLAN_FILE: ""}
+    from .passes import follow_training_mode
     ep = load_export(path, extra_files=extra)
     if not extra[PLAN_FILE]:
-        return module_from_export(ep)
-    gm = module_from_export(ep, keep_guards=True)
+        return follow_training_mode(module_from_export(ep))
+    # The archive recorded train mode as constants (dropout on, batch statistics): tie them to
+    # .train()/.eval() again, as transform() does.
+    gm = follow_training_mode(module_from_export(ep, keep_guards=True))
     plan = Plan.from_json(extra[PLAN_FILE])
     fields = dict(plan.config)
     if not isinstance(fields.get("gate_layers"), (list, type(None))):

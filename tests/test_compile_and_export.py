@@ -5,6 +5,7 @@ from torch import nn
 
 import salcompile
 from conftest import dense_transform, ResCNN, assert_grads_equal, grads, mlp
+from salcompile.models import REGISTRY, smoke_case
 
 
 def _cases():
@@ -102,3 +103,45 @@ def test_many_transformed_modules_compile_in_one_process():
         x = torch.randn(3, 4)
         torch.testing.assert_close(salcompile.compile(sal, backend="aot_eager")(x), sal(x))
     assert counters["stats"]["unique_graphs"] - before == 10
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_a_reloaded_archive_follows_eval_and_train_like_the_saved_module(tmp_path, name):
+    """Dropout and batch norm of a reloaded archive switch with .eval()/.train() (the archive
+    records train mode as constants; load ties them to the module's flag again)."""
+    sal, x = smoke_case(name, "sal-partition")
+    sal(x)   # move batch-norm statistics away from their initial values
+    salcompile.save(sal, (x,), tmp_path / "m.pt2")
+    back = salcompile.load(tmp_path / "m.pt2")
+    sal.eval()
+    back.eval()
+    torch.testing.assert_close(back(x), sal(x))
+    torch.testing.assert_close(back(x), back(x))   # no dropout in eval mode
+    sal.train()
+    back.train()
+    torch.manual_seed(0)
+    a = sal(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(back(x), a)        # same dropout draws, batch statistics
+    for (n, b0), (_, b1) in zip(sorted(sal.named_buffers()), sorted(back.named_buffers())):
+        if "running" in n or "num_batches" in n:
+            torch.testing.assert_close(b1, b0, msg=n)
+
+
+def test_a_reloaded_cnn_with_dropout_evaluates_and_exports_in_eval_mode(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 3 * 3, 3))
+    x = torch.randn(4, 1, 8, 8)
+    sal = salcompile.transform(model, example_inputs=(x,), areas=1)
+    sal(x)
+    salcompile.save(sal, (x,), tmp_path / "m.pt2")
+    back = salcompile.load(tmp_path / "m.pt2")
+    back.eval()
+    sal.eval()
+    torch.testing.assert_close(back(x), sal(x))
+    salcompile.export_onnx(back, (x,), tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), sal(x).detach(), rtol=1e-4, atol=1e-5)
