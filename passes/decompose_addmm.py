@@ -19,7 +19,6 @@ symbolic_trace graph (`torch.addmm`, `x.addmm(...)`) are handled too.
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Dict, Optional
 
 import torch
@@ -34,7 +33,6 @@ _ATEN = {aten.addmm.default: "addmm", aten.baddbmm.default: "baddbmm",
          aten.addbmm.default: "addbmm"}
 _TORCH = {torch.addmm: "addmm", torch.baddbmm: "baddbmm", torch.addbmm: "addbmm"}
 _METHODS = {"addmm", "baddbmm", "addbmm"}
-_SCHEMA = ("self", "mat1", "mat2")   # positional names shared by the three (batch1/batch2 alike)
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 

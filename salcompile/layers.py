@@ -11,6 +11,7 @@ graph; nothing changes it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import operator
 from typing import Any, Dict, List, Optional, Set
 
 import torch
@@ -203,7 +204,7 @@ class WeightTracer:
             if a in env:
                 return env[a]
             if a.op == "get_attr":   # a tensor (copied), or a submodule a higher-order op runs
-                v = _fetch(gm, a.target)
+                v = operator.attrgetter(a.target)(gm)
                 env[a] = v.detach().clone() if isinstance(v, torch.Tensor) else v
             elif a.op in ("call_function", "call_method") and not self.reads_input[a]:
                 args = fx.node.map_arg(a.args, load)   # the chain, or a buffer-only value
@@ -215,13 +216,6 @@ class WeightTracer:
             return env[a]
         with torch.no_grad():
             return load(w)
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _ntuple(v, n) -> List[int]:
@@ -409,7 +403,7 @@ def _maybe_unsupported(node: fx.Node, tracer: WeightTracer):
                                            "for its fused kernel)")
     if not matmul_like and (name.startswith(LOCAL_PREFIXES) or base in LOCAL_OPS):
         return None
-    where = "aten." if isinstance(node.target, torch._ops.OpOverload) else ""
-    if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace != "aten":
-        where = f"{node.target.namespace}::"
+    t = node.target
+    where = "" if not isinstance(t, torch._ops.OpOverload) else \
+        "aten." if t.namespace == "aten" else f"{t.namespace}::"
     return Unsupported(node, name, ps, f"{where}{name} is not a linear map salcompile rewrites")

@@ -386,17 +386,26 @@ def export_onnx(module, example_inputs: Tuple[Any, ...], path, dynamic_batch: bo
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
 
 
-__all__ = ["export_onnx", "inference_graph"]
-
-
 def refuse_training_export(sal, who: str) -> None:
     """The training exporters edit or trace a layer's backward by its weight parameter: composed
-    weights (LoRA, parametrizations) and grouped_mm experts are not covered yet. Refuse them
-    rather than export a graph whose backward would be backprop's."""
-    odd = [f"{l.name} ({'composed weight' if l.constituents else l.op})" for l in sal.sal_plan.layers
-           if l.constituents or l.op == "grouped_mm"]
+    weights (LoRA, parametrizations), grouped_mm experts and weights gathered by indices
+    (W[expert_ids]) are not covered yet. Refuse them rather than export a graph whose backward
+    would be backprop's."""
+    def why(l):
+        if l.constituents:
+            return "composed weight"
+        if l.op == "grouped_mm":
+            return "grouped_mm"
+        if {"index", "index_select"} & set(l.via.split(".")):
+            return "weight gathered by indices"
+        return None
+    odd = [f"{l.name} ({why(l)})" for l in sal.sal_plan.layers if why(l)]
     if odd:
         raise SalcompileError(
             f"{who}: layers {', '.join(odd)} are not supported by the ONNX Runtime training "
             "exporters yet (their FA backward would not survive the export). Train them in torch "
             "(eager or salcompile.compile); export_onnx gives their inference graph.")
+
+
+__all__ = ["export_onnx", "inference_graph"]
+

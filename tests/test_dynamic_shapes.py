@@ -10,7 +10,7 @@ from torch import nn
 
 import salcompile
 from conftest import ResCNN, assert_grads_equal, grads, loss_of, mlp
-from salcompile.models import REGISTRY, build, example_input
+from salcompile.models import REGISTRY, build
 
 D = torch.float64
 TINY = REGISTRY["gpt"].tiny          # vocab 12, context 8

@@ -9,11 +9,10 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import salcompile
-from conftest import assert_grads_equal, grads, loss_of
+from conftest import assert_grads_equal, loss_of
 
 D = torch.float64
 s = torch.ops.salcompile

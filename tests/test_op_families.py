@@ -408,3 +408,28 @@ def test_random_models_of_real_idioms_are_fully_accounted_and_exact(kinds, d, se
     gated = salcompile.transform(model, example_inputs=(x,), areas=2)
     assert not gated.sal_plan.backprop
     gated(x).sum().backward()
+
+
+class _GatheredExperts(nn.Module):
+    """Per-row expert weights picked by data-dependent indices (Mixtral's batched_mm form)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(3, 5, 4) * 0.4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        ids = (x.sum(-1) > 0).long() + (x[:, 0] > 0).long()    # in [0, 2], from the data
+        h = torch.bmm(x.unsqueeze(1), self.W[ids]).squeeze(1)
+        return self.out(torch.tanh(h))
+
+
+def test_weights_gathered_by_indices_get_fa_and_the_training_exporters_refuse_them(tmp_path):
+    torch.manual_seed(0)
+    model, x = _GatheredExperts().to(D), torch.randn(6, 5, dtype=D)
+    sal = _fa_equals_bp(model, x, example=True)
+    experts = next(e for e in sal.sal_plan.layers if e.weight == "W")
+    assert experts.op == "bmm" and "index" in experts.via.split(".")
+    assert sal.sal_plan.roles["W"] == "layer"
+    with pytest.raises(SalcompileError, match="weight gathered by indices"):
+        salcompile.export_ort_training(sal, (x,), tmp_path / "art")
