@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from salcompile.errors import SalcompileError
+from salcompile.validate import Int, check, check_memory, flag
 
 from .cnn import BasicBlock, LeNet5, ResNet20
 from .mlp import MLP, DeepMLP
@@ -149,12 +150,50 @@ def _bind(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
         raise ModelArgumentError(f"model {name!r}: {exc}; its keywords are: "
                                  f"{', '.join(sig.parameters)}.") from exc
     bound.apply_defaults()
-    return dict(bound.arguments)
+    args = dict(bound.arguments)
+    _check_sizes(name, args)
+    return args
+
+
+# Every size keyword of a factory: a positive int (depth: layers; the rest: widths, counts).
+_SIZE = Int(lo=1, hi=2 ** 24, hint="a positive size; see the entry's description for typical values")
+_SIZE_OPTIONAL = Int(lo=1, hi=2 ** 24, optional=True, hint="a positive size, or None for the default")
+
+
+def _check_sizes(name: str, args: Dict[str, Any]) -> None:
+    for key, value in args.items():
+        if key == "residual":
+            flag(key, value, f"model {name!r}")
+        elif key in ("vocab_size", "num_classes") and name == "gpt":
+            check(key, value, _SIZE_OPTIONAL, f"model {name!r}")
+        else:
+            check(key, value, _SIZE, f"model {name!r}")
+    if "heads" in args and args["dim"] % args["heads"]:
+        raise SalcompileError(f"model {name!r}: dim={args['dim']} must be a multiple of "
+                              f"heads={args['heads']}; choose heads dividing dim.")
+    if "patch" in args and args["image_size"] % args["patch"]:
+        raise SalcompileError(f"model {name!r}: image_size={args['image_size']} must be a multiple "
+                              f"of patch={args['patch']}.")
+
+
+def _check_fits(name: str, kwargs: Dict[str, Any]) -> None:
+    """Count the parameters on the meta device, then refuse a model the memory cannot hold."""
+    device = torch.get_default_device()
+    if device.type == "meta":
+        return
+    with torch.device("meta"):
+        model = _entry(name).factory(**kwargs)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # the parameters, their gradients and an optimizer's state: plan for 2x at build time
+    check_memory(2 * nbytes, f"model {name!r} ({sum(p.numel() for p in model.parameters()):,} "
+                 "parameters)", device, fix="choose smaller widths/depth, or build it under "
+                 "torch.device('meta') to inspect it")
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
     """A fresh model from the zoo; `kwargs` override the factory's defaults (see REGISTRY)."""
     _bind(name, kwargs)
+    _check_fits(name, kwargs)
     return _entry(name).factory(**kwargs)
 
 

@@ -16,9 +16,10 @@ from .guard_finite import guard_finite
 from .insert_gates import insert_gates
 from .make_area_ops import make_area_ops
 from .normalize_layers import normalize_layers
+from .split_shared_path import split_shared_path
 from .strip_feedback import strip_feedback
 
 __all__ = ["functionalize_inplace", "normalize_layers", "decompose_addmm", "follow_training_mode",
-           "find_regions", "analyse_sparsity", "insert_gates", "make_area_ops", "attach_fa",
+           "find_regions", "analyse_sparsity", "insert_gates", "make_area_ops", "split_shared_path", "attach_fa",
            "attach_dfa", "guard_finite", "fuse_regions", "unfuse_regions", "audit_parameters",
            "strip_feedback"]

@@ -8,12 +8,21 @@ gets one B per weight operand, shaped like the effective weight and registered b
 parameter as `<name>_effective_feedback`; the layer's dW flows to every constituent through its
 own chain (their true local gradients). With feedback_init="weights", B is the effective weight's
 value at transform time.
+
+The rule (salcompile/feedback/) decides what is stored and what the backward reads: "fa" keeps the
+fixed B; "frsf" keeps |B|; "usf"/"brsf" store nothing; "kp" keeps B as a parameter the layer ops
+hand W's gradient. A rule with an `operand` gets one graph node before the layer that derives the
+backward operand from the weight operand (detached: nothing flows back into W through it) at
+every step.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx as fx
 
+from salcompile import feedback as rules
 from salcompile.config import SALConfig
 from salcompile.errors import SalcompileError
 from salcompile.feedback_init import draw_uniform, fan_in
@@ -27,6 +36,7 @@ ops = torch.ops.salcompile
 def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SALConfig) -> fx.GraphModule:
     g = gm.graph
     match = config.feedback_scale == "match"
+    rule = rules.get(config.feedback)
     buffers = {}
     params = tracer.params
     replaced = {}  # old layer node -> its FA op, for specs that read an earlier layer's output
@@ -37,23 +47,35 @@ def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SAL
         p = spec.param
         key = spec.weight if spec.composed else p
         if key not in buffers:
-            if spec.composed:
-                buffers[key] = register_beside(gm, p, "effective_feedback",
-                                               _effective_feedback(gm, tracer, spec, entry, config))
-            else:
-                w = params[p]
-                if config.feedback_init == "weights":
-                    b = w.detach().clone()
+            buffers[key] = None
+            if rule.stored is not None:
+                if spec.composed:
+                    b = _effective_feedback(gm, tracer, spec, entry, config)
                 else:
-                    per_copy = w.shape[1:] if entry.area_mode == "replicate" else w.shape
-                    b = draw_uniform(tuple(w.shape), fan_in(spec.kind, per_copy, spec.weight_first),
-                                     config.feedback_seed, p, w)
-                buffers[key] = register_beside(gm, p, "feedback", b)
-        entry.feedback_buffer = buffers[key]
+                    w = params[p]
+                    if config.feedback_init == "weights":
+                        b = w.detach().clone()
+                    else:
+                        b = draw_uniform(tuple(w.shape), _fan_in(spec, entry, w.shape),
+                                         config.feedback_seed, p, w)
+                if rule.stored == "abs":
+                    b = b.abs()
+                suffix = "effective_feedback" if spec.composed else "feedback"
+                buffers[key] = register_beside(gm, p, suffix, b, parameter=rule.trainable)
+        entry.feedback_buffer = buffers[key] or ""
         node = spec.node
-        with g.inserting_before(node):
-            b_node = g.get_attr(buffers[key])
-            b_operand = b_node if spec.composed else _mirror_chain(g, tracer, spec, b_node)
+        # a shared path's parts precede its output node: B goes right after the weight
+        with g.inserting_before(spec.weight.next if spec.parts else node):
+            b_operand = None
+            if buffers[key] is not None:
+                b_node = g.get_attr(buffers[key])
+                b_operand = b_node if spec.composed else _mirror_chain(g, tracer, spec, b_node)
+            if rule.operand is not None:
+                b_operand = _derived_operand(g, rule, spec, entry, b_operand)
+            if spec.parts:   # a shared path: each part reads a slice of W, and of B
+                _attach_parts(g, spec, b_operand, match)
+                entry.parts = [p.name for p in spec.parts]
+                continue
             if spec.area:  # an area op: fill its feedback slot and per-area norm matching
                 args = list(node.args)
                 args[5], args[-1] = b_operand, match
@@ -84,6 +106,55 @@ def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SAL
     g.lint()
     gm.recompile()
     return gm
+
+
+def _attach_parts(g: fx.Graph, spec: LayerSpec, b_operand: fx.Node, match: bool) -> None:
+    """The pieces passes/split_shared_path.py made of one layer: area ops get their feedback
+    slot filled, plain linears become fa_linear; each with B sliced as its W is."""
+    for i, part in enumerate(spec.parts):
+        w = part.args[3] if part.target is not torch.ops.aten.linear.default else part.args[1]
+        with g.inserting_before(part):
+            b = _mirror_slices(g, spec.weight, w, b_operand)
+            if part.target is torch.ops.aten.linear.default:
+                x, _, bias = (list(part.args) + [None])[:3]
+                new = g.call_function(ops.fa_linear.default, (x, w, bias, b, match))
+                new.meta = dict(part.meta)
+                part.replace_all_uses_with(new)
+                g.erase_node(part)
+                spec.parts[i] = new
+            else:
+                args = list(part.args)
+                args[5], args[-1] = b, match
+                part.args = tuple(args)
+
+
+def _mirror_slices(g: fx.Graph, root: fx.Node, w: fx.Node, b: fx.Node) -> fx.Node:
+    """Apply to b the slice ops that lead from root to w."""
+    chain = []
+    while w is not root:
+        chain.append(w)
+        w = w.args[0]
+    for s in reversed(chain):
+        b = g.call_function(s.target, (b,) + tuple(s.args[1:]))
+    return b
+
+
+def _fan_in(spec: LayerSpec, entry, shape) -> int:
+    per_copy = shape[1:] if entry.area_mode == "replicate" and not spec.composed else shape
+    return fan_in(spec.kind, tuple(per_copy), spec.weight_first)
+
+
+def _derived_operand(g: fx.Graph, rule, spec: LayerSpec, entry, stored) -> fx.Node:
+    """rule.operand(W.detach(), stored, 1/sqrt(fan_in)) as graph nodes: recomputed every step,
+    and detached, so W trains by the layer's own dW only, never through its feedback."""
+    val = spec.weight.meta.get("val")
+    shape = tuple(val.shape) if val is not None else tuple(entry.shape)
+    scale = entry.feedback_bound = 1.0 / math.sqrt(max(1, _fan_in(spec, entry, shape)))
+    w = g.call_function(torch.ops.aten.detach.default, (spec.weight,))
+    node = g.call_function(rule.operand, (w, stored, scale))
+    if val is not None:   # same shape, dtype and device as the weight operand
+        w.meta["val"] = node.meta["val"] = val
+    return node
 
 
 def _effective_feedback(gm, tracer: WeightTracer, spec: LayerSpec, entry, config: SALConfig):

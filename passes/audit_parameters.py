@@ -25,7 +25,7 @@ from salcompile.layers import MATMUL_LIKE, WeightTracer, _is_size, _leaf_module,
 
 ops = torch.ops.salcompile
 # salcompile's own ops that are not layers: gates, routing counters, layout, DFA, guards.
-_HELPER_OPS = {"region_gate", "count_routes", "dfa_output", "check_finite", "region_sort",
+_HELPER_OPS = {"region_gate", "region_gate_topk", "count_routes", "dfa_output", "check_finite", "region_sort",
                "sort_rows", "unsort_rows", "gather_blocks", "scatter_blocks",
                "fa_grouped_mm_backward"}
 
@@ -51,7 +51,8 @@ def _reads_data(tracer: WeightTracer, n: fx.Node) -> bool:
 def unaccounted_uses(gm: fx.GraphModule, plan) -> List[tuple]:
     """[(node, op, parameters)] for every weight use in `gm` that the plan does not account for."""
     tracer = WeightTracer(gm)
-    known = {e.node for e in plan.layers} | {b.node for b in plan.backprop}
+    known = {e.node for e in plan.layers} | {p for e in plan.layers for p in e.parts} | \
+        {b.node for b in plan.backprop}
     out = []
     for n in gm.graph.nodes:
         if n.name in known or not _layer_like(gm, n) or not _reads_data(tracer, n):
@@ -83,15 +84,17 @@ def audit_parameters(gm: fx.GraphModule, plan, config) -> fx.GraphModule:
                 reason="not recognised by the layer finder (found by the parameter audit)"))
     on_backprop = {p for b in plan.backprop for p in b.weights}
     on_layer = {p for e in plan.layers for p in [e.weight, *e.constituents]}
+    feedback = {e.feedback_buffer for e in plan.layers if e.feedback_buffer}   # Kolen-Pollack's B
     roles = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         roles[name] = ("frozen" if not p.requires_grad else "backprop" if name in on_backprop
-                       else "layer" if name in on_layer else "local")
+                       else "layer" if name in on_layer else "feedback" if name in feedback
+                       else "local")
     # a tied parameter has one role under all its names
     by_tensor = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         by_tensor.setdefault(id(p), []).append(name)
-    rank = {"backprop": 0, "layer": 1, "local": 2, "frozen": 3}
+    rank = {"backprop": 0, "layer": 1, "feedback": 2, "local": 3, "frozen": 4}
     for names in by_tensor.values():
         role = min((roles[n] for n in names), key=rank.__getitem__)
         for n in names:

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from salcompile.config import SALConfig
+from salcompile.validate import check_memory
 from salcompile.feedback_init import _generator, draw_uniform
 from salcompile.layers import WeightTracer
 
@@ -59,11 +60,23 @@ def _phi(g: fx.Graph, h: fx.Node, phi: str) -> fx.Node:
     return f
 
 
+def _check_gate_memory(regions: List[Region], tracer: WeightTracer, config: SALConfig) -> None:
+    """P (route_dim x features), the prototypes (K x route_dim, drawn in float64) and the counts
+    of every gate, checked against the device's free memory before anything is allocated."""
+    like = tracer.params[regions[0].layers[0].param]
+    k, d = config.areas, config.route_dim
+    nbytes = sum(d * r.features * like.element_size() + k * d * (8 + like.element_size()) + 8 * k
+                 for r in regions)
+    check_memory(nbytes, f"the gates of {len(regions)} region(s) (areas={k}, route_dim={d})",
+                 like.device, fix="choose fewer areas or a smaller route_dim")
+
+
 def insert_gates(gm: fx.GraphModule, regions: List[Region], tracer: WeightTracer,
                  config: SALConfig) -> Tuple[fx.GraphModule, Dict[str, Tuple[fx.Node, fx.Node]]]:
     """Returns the module and {gate: (area node, anchor node)}."""
     if not regions:
         return gm, {}
+    _check_gate_memory(regions, tracer, config)
     g = gm.graph
     holder = nn.Module()
     gm.add_submodule(GATES, holder)
@@ -78,9 +91,13 @@ def insert_gates(gm: fx.GraphModule, regions: List[Region], tracer: WeightTracer
         prefix = f"{GATES}.{r.gate}"
         with g.inserting_before(r.layers[0].node):
             feats = _phi(g, r.reads, r.phi)
-            gate = g.call_function(ops.region_gate.default, (
-                feats, g.get_attr(f"{prefix}.proj"), g.get_attr(f"{prefix}.prototypes"),
-                float(config.temperature), float(config.balance_weight)))
+            gate_args = (feats, g.get_attr(f"{prefix}.proj"), g.get_attr(f"{prefix}.prototypes"),
+                         float(config.temperature), float(config.balance_weight))
+            if config.route_top_k > 1:   # area: [..., k], each row's k best areas
+                gate = g.call_function(ops.region_gate_topk.default,
+                                       gate_args + (int(config.route_top_k),))
+            else:
+                gate = g.call_function(ops.region_gate.default, gate_args)
             area = g.call_function(operator.getitem, (gate, 0))
             anchor = g.call_function(operator.getitem, (gate, 1))
             g.call_function(ops.count_routes.default, (area, g.get_attr(f"{prefix}.counts")))

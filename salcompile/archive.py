@@ -1,13 +1,15 @@
 """Saving a transformed module as a torch.export archive, and loading it back to train."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Tuple
 
 import torch
 
 from .capture import export_dynamic
 from .errors import SalcompileError
-from .files import PLAN_FILE, atomic_write, check_output, load_export, module_from_export
+from .files import (CHECKSUM_FILE, PLAN_FILE, _quiet_torch_logs, add_checksum, atomic_write,
+                    check_output, load_export, module_from_export)
 from .module import require_sal
 from .routing import routing_counts_kept
 
@@ -32,8 +34,11 @@ def save(module, example_inputs: Tuple[Any, ...], path, force: bool = False) -> 
             except Exception as exc:
                 raise SalcompileError(f"could not export the transformed module: "
                                       f"{type(exc).__name__}: {exc}") from exc
-            atomic_write(out, lambda tmp: torch.export.save(
-                ep, tmp, extra_files={PLAN_FILE: sal.sal_plan.to_json()}))
+            def write(tmp):
+                with _quiet_torch_logs():
+                    torch.export.save(ep, tmp, extra_files={PLAN_FILE: sal.sal_plan.to_json()})
+                add_checksum(tmp)   # verified by load: a damaged copy is an error, not a model
+            atomic_write(out, write)
     finally:
         sal.train(was)
 
@@ -52,6 +57,10 @@ def load(path) -> torch.nn.Module:
     extra = {PLAN_FILE: ""}
     from .passes import follow_training_mode
     ep = load_export(path, extra_files=extra)
+    if extra[PLAN_FILE] and not extra.get(CHECKSUM_FILE):
+        warnings.warn(f"salcompile: {path} carries no checksum (written before salcompile "
+                      "stored one): it loads, but damage to its contents cannot be detected; save it "
+                      "again to add one.", stacklevel=2)
     if not extra[PLAN_FILE]:
         return follow_training_mode(module_from_export(ep))
     # The archive recorded train mode as constants (dropout on, batch statistics): tie them to

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import warnings
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -22,17 +23,22 @@ from torch.utils import _pytree as pytree
 from .errors import SalcompileError
 
 
-def capture(model: nn.Module, example_inputs: Optional[Tuple[Any, ...]] = None
-            ) -> Tuple[fx.GraphModule, str]:
+def capture(model: nn.Module, example_inputs: Optional[Tuple[Any, ...]] = None,
+            example_kwargs: Optional[Mapping[str, Any]] = None) -> Tuple[fx.GraphModule, str]:
     """Return (graph module, how it was captured: "export" or "symbolic_trace").
+
+    `example_kwargs` (or a dict given as `example_inputs`) are keyword inputs, passed to
+    torch.export's `kwargs`; the captured module takes the same keywords. A keyword given as None
+    whose parameter defaults to None is left out (the module then accepts it omitted or None).
 
     The model is deep-copied first: the transformed module never shares parameters with the
     caller's model, so training one leaves the other untouched.
     """
     if isinstance(model, torch.export.ExportedProgram):
         from .files import module_from_export
-        if example_inputs is None and model.example_inputs:
+        if example_inputs is None and not example_kwargs and model.example_inputs:
             example_inputs = tuple(model.example_inputs[0])
+            example_kwargs = dict(model.example_inputs[1] or {})
         model = module_from_export(model)
     if not isinstance(model, nn.Module):
         raise SalcompileError(
@@ -40,19 +46,60 @@ def capture(model: nn.Module, example_inputs: Optional[Tuple[Any, ...]] = None
             "Wrap a function in an nn.Module whose forward calls it."
         )
     model = copy.deepcopy(model)
-    if example_inputs is not None:
+    example_inputs, example_kwargs = split_example_inputs(example_inputs, example_kwargs)
+    if example_inputs is not None or example_kwargs:
+        example_inputs = () if example_inputs is None else example_inputs
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         if not isinstance(example_inputs, tuple):
             example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) \
                 else (example_inputs,)
-        check_inputs(model, example_inputs)
-        return _export(model, example_inputs), "export"
+        example_kwargs = _drop_default_nones(model, example_kwargs)
+        check_inputs(model, (example_inputs, example_kwargs))
+        return _export(model, example_inputs, example_kwargs), "export"
     return _symbolic_trace(model), "symbolic_trace"
 
 
+def split_example_inputs(example_inputs, example_kwargs=None):
+    """(args, kwargs) from transform()'s `example_inputs` / `example_kwargs`: a dict (any Mapping)
+    given as `example_inputs` is the keyword inputs."""
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise SalcompileError(f"example_kwargs must be a dict of keyword inputs, got "
+                              f"{type(example_kwargs).__name__}.")
+    kwargs = dict(example_kwargs or {})
+    if isinstance(example_inputs, Mapping):
+        both = set(example_inputs) & set(kwargs)
+        if both:
+            raise SalcompileError(f"keyword input(s) {sorted(both)} given both in example_inputs "
+                                  "(a dict) and in example_kwargs: give each once.")
+        kwargs = {**dict(example_inputs), **kwargs}
+        example_inputs = None
+    for k in kwargs:
+        if not isinstance(k, str):
+            raise SalcompileError(f"keyword inputs need string names, got {k!r}.")
+    return example_inputs, kwargs
+
+
+def _drop_default_nones(model: nn.Module, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Leave out keyword inputs given as None whose parameter defaults to None: the same call."""
+    if not kwargs:
+        return kwargs
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    return {k: v for k, v in kwargs.items()
+            if not (v is None and k in params and params[k].default is None)}
+
+
 def check_inputs(model: nn.Module, example_inputs: tuple) -> None:
-    """Refuse dtype and device mixes up front, with the fix, instead of a trace error later."""
+    """Refuse dtype and device mixes and empty batches up front, with the fix, instead of a trace
+    error (or a module fixed at 0 rows) later."""
+    for i, t in enumerate(pytree.tree_leaves(example_inputs)):
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 0:
+            raise SalcompileError(
+                f"example input {i} has an empty batch (shape {list(t.shape)}): the module would "
+                "be captured for 0 rows only. Pass a batch of 2 or more real samples, e.g. x[:2].")
     params = [p for p in model.parameters() if p.is_floating_point()]
     if not params:
         return
@@ -96,25 +143,44 @@ def dynamic_dims(example_inputs):
     return pytree.tree_map(spec, example_inputs)
 
 
+def _dynamic_shapes(module, args, kwargs, spec_fn):
+    """spec_fn's dynamic_shapes for (args, kwargs): a tuple over args alone (as before), or, with
+    keyword inputs, a dict keyed by the forward's parameter names (what torch.export matches
+    keyword inputs by)."""
+    if not kwargs:
+        return spec_fn(args)
+    from torch.export.dynamic_shapes import _combine_args
+    return spec_fn(_combine_args(module, args, kwargs))
+
+
 def _has_dim1(example_inputs) -> bool:
     return any(isinstance(t, torch.Tensor) and t.dim() >= 2
                for t in pytree.tree_leaves(example_inputs))
 
 
-def export_dynamic(module: nn.Module, args: tuple) -> torch.export.ExportedProgram:
+def export_dynamic(module: nn.Module, args: tuple, kwargs: Optional[Mapping[str, Any]] = None
+                   ) -> torch.export.ExportedProgram:
     """torch.export (non-strict) with the batch and sequence dimensions dynamic (dynamic_dims).
 
     The sequence dimension stays dynamic only where it reaches an output (a per-token model: an
     LM's logits [B, T, vocab]); a model that reduces it away (a sequence classifier) keeps the
     example's length, so DFA can size its feedback over it. When export fails with it dynamic,
     the export is retried with the batch alone dynamic, and a warning says so. The error of the
-    batch-only export propagates (the caller wraps it)."""
-    if not _has_dim1(args):
-        return _export_program(module, args, batch_dynamic(args))
+    batch-only export propagates (the caller wraps it). `kwargs`: keyword inputs (torch.export's
+    `kwargs`), dynamic like the positional ones."""
+    kwargs = dict(kwargs or {})
+
+    def batch_only():
+        return _export_program(module, args, _dynamic_shapes(module, args, kwargs, batch_dynamic),
+                               kwargs)
+
+    if not _has_dim1((args, kwargs)):
+        return batch_only()
     try:
-        ep = _export_program(module, args, dynamic_dims(args))
+        ep = _export_program(module, args, _dynamic_shapes(module, args, kwargs, dynamic_dims),
+                             kwargs)
     except Exception as exc:  # torch raises many types
-        ep = _export_program(module, args, batch_dynamic(args))
+        ep = batch_only()
         text = str(exc).strip().splitlines()
         warnings.warn(
             "salcompile: torch.export could not keep dimension 1 (the sequence) of the inputs "
@@ -123,13 +189,14 @@ def export_dynamic(module: nn.Module, args: tuple) -> torch.export.ExportedProgr
             "size you need.", stacklevel=3)
         return ep
     if _dim1_symbols(ep) - _output_symbols(ep):
-        ep = _export_program(module, args, batch_dynamic(args))
+        ep = batch_only()
     return ep
 
 
-def _export_program(module, args, dynamic_shapes):
+def _export_program(module, args, dynamic_shapes, kwargs=None):
     with _quiet_specialisation_notice():
-        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(module, args, kwargs=kwargs or None,
+                                   dynamic_shapes=dynamic_shapes, strict=False)
 
 
 class _NoSpecialisationNotice(logging.Filter):
@@ -172,8 +239,9 @@ def _output_symbols(ep) -> set:
     return _symbols(d for v in vals if isinstance(v, torch.Tensor) for d in v.shape)
 
 
-def _export(model: nn.Module, args: tuple) -> fx.GraphModule:
-    for t in pytree.tree_leaves(args):
+def _export(model: nn.Module, args: tuple, kwargs: Optional[Dict[str, Any]] = None
+            ) -> fx.GraphModule:
+    for t in pytree.tree_leaves((args, kwargs)):
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1:
             warnings.warn(
                 "example_inputs have batch size 1, so torch.export fixes the batch size at 1; "
@@ -183,7 +251,7 @@ def _export(model: nn.Module, args: tuple) -> fx.GraphModule:
     was_training = model.training
     model.train()  # capture the training graph; mode-dependent ops are re-tied to .training later
     try:
-        ep = export_dynamic(model, args)
+        ep = export_dynamic(model, args, kwargs)
     except Exception as exc:  # torch raises many types; all mean "cannot capture"
         raise SalcompileError(_capture_message("torch.export", exc)) from exc
     unlifted = ep.module()

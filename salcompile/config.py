@@ -5,9 +5,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from . import feedback as _rules
 from .errors import SalcompileError
+from .validate import SEED, Int, Num, check_numbers
 
-FEEDBACK_MODES = ("fa", "dfa", "bp")
+FEEDBACK_MODES = _rules.names()   # the registered feedback rules (salcompile/feedback/)
 FEEDBACK_INITS = ("kaiming_uniform", "weights")
 FEEDBACK_SCALES = ("match", "none")
 AREA_MODES = ("partition", "replicate")
@@ -16,14 +18,31 @@ AREA_IMPLS = ("fast", "reference")
 BLOCK_GAINS = ("fan_in", "none")
 ON_BACKPROP = ("warn", "error")
 
+# Every numeric field: type and valid range (salcompile/validate.py writes the messages).
+NUMERIC_FIELDS = {
+    "feedback_seed": SEED,
+    "routing_seed": SEED,
+    "areas": Int(lo=1, label="areas (K)", hint="the number of parameter areas, e.g. 16 (1: dense)"),
+    "route_dim": Int(lo=1, hi=2 ** 16, hint="the gate's routing width, e.g. 32"),
+    "balance_weight": Num(lo=0, hi=1e4, hint="weight of the gate's load-balance term, e.g. 1.0"),
+    "route_top_k": Int(lo=1, hint="areas each row uses, e.g. 2 (1: mutually exclusive areas)"),
+    "shared_fraction": Num(lo=0, hi=1, hint="the share of each partition layer's outputs every "
+                           "row computes, e.g. 0.5 (0: pure partition)"),
+    "temperature": Num(lo=1e-4, hi=1e4,
+                       hint="the gate's softmax temperature, e.g. 0.1 (smaller overflows the logits)"),
+}
+
 
 @dataclass(frozen=True)
 class SALConfig:
     """How `salcompile.transform` rewrites a model.
 
-    feedback:       "fa" (fixed random feedback B in place of W in the input gradient),
-                    "dfa" (direct feedback alignment: each layer input receives e·D),
-                    "bp" (ordinary backprop, same graph otherwise).
+    feedback:       the rule (salcompile/feedback/, one file each): "fa" (fixed random feedback
+                    B in place of W in the input gradient), "dfa" (direct feedback alignment: each
+                    layer input receives e·D), "bp" (ordinary backprop, same graph otherwise),
+                    the sign-concordant "usf" (B = sign(W)/sqrt(fan_in)), "brsf" (|fresh
+                    random|·sign(W)) and "frsf" (|fixed random|·sign(W)), recomputed every step,
+                    and "kp" (Kolen-Pollack: B trained with W's gradient; give both weight decay).
     feedback_init:  "kaiming_uniform" (like nn.Linear's default init) or "weights" (B = copy of W:
                     FA then equals BP exactly, the core correctness check).
     feedback_scale: "match" rescales B to the norm of W at every step; "none" uses B as drawn.
@@ -54,6 +73,15 @@ class SALConfig:
                     compact form (rows sorted once per gate, hidden activations stored as
                     rows x width/K, one grouped matmul per layer; passes/fuse_regions.py).
                     False keeps one self-contained area op per layer. Same values and gradients.
+    route_top_k:    top-k routing (our extension, not the paper's): each row uses and updates its
+                    k best areas (k of the K blocks in partition mode, summed at the exit; k of
+                    the K copies, summed, in replicate mode). 1 (default): the paper's mutually
+                    exclusive areas. Regions with top-k > 1 run unfused.
+    shared_fraction: a shared dense path beside the areas (our reading of the paper's "dual
+                    path", not the paper's own design): in each gated partition linear layer the
+                    first fraction of the outputs is computed and updated by every row, the rest
+                    is split into the K areas. 0 (default) is the pure partition; 1 is dense.
+                    Regions with a shared path run unfused.
     on_backprop:    what a layer salcompile cannot rewrite (it stays on backprop, listed in the plan
                     with the reason) does: "warn" (default) or "error" (transform raises: a
                     guarantee that nothing in the model trains by backprop).
@@ -75,6 +103,8 @@ class SALConfig:
     input_block_gain: str = "fan_in"
     check_finite: bool = False
     fuse_regions: bool = True
+    route_top_k: int = 1
+    shared_fraction: float = 0.0
     on_backprop: str = "warn"
 
     def __post_init__(self) -> None:
@@ -90,17 +120,13 @@ class SALConfig:
             raise SalcompileError(f"check_finite must be True or False, got {self.check_finite!r}.")
         if not isinstance(self.fuse_regions, bool):
             raise SalcompileError(f"fuse_regions must be True or False, got {self.fuse_regions!r}.")
-        for name in ("feedback_seed", "routing_seed"):
-            if not _is_int(getattr(self, name)):
-                raise SalcompileError(f"{name} must be an int, got {getattr(self, name)!r}.")
-        if not _is_int(self.areas) or self.areas < 1:
-            raise SalcompileError(f"areas (K) must be an int >= 1, got {self.areas!r}.")
-        if not _is_int(self.route_dim) or self.route_dim < 1:
-            raise SalcompileError(f"route_dim must be an int >= 1, got {self.route_dim!r}.")
-        if not isinstance(self.balance_weight, (int, float)) or self.balance_weight < 0:
-            raise SalcompileError(f"balance_weight must be a number >= 0, got {self.balance_weight!r}.")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise SalcompileError(f"temperature must be a number > 0, got {self.temperature!r}.")
+        check_numbers(self, NUMERIC_FIELDS, who="SALConfig")
+        if self.route_top_k > self.areas:
+            raise SalcompileError(f"route_top_k={self.route_top_k} exceeds areas={self.areas}: a "
+                                  "row can use at most every area once; choose 1 <= k <= areas.")
+        if self.route_top_k > 1 and self.shared_fraction:
+            raise SalcompileError("route_top_k > 1 and shared_fraction > 0 cannot be combined yet; "
+                                  "choose one of them.")
         g = self.gate_layers
         if not (g is None or callable(g) or (isinstance(g, (list, tuple))
                                              and all(isinstance(p, str) for p in g))):
@@ -109,11 +135,15 @@ class SALConfig:
                 f"predicate taking a layer name; got {g!r}.")
         if isinstance(g, list):
             object.__setattr__(self, "gate_layers", tuple(g))
-        if self.feedback == "dfa" and self.feedback_init == "weights":
+        if self.feedback_init == "weights" and _rules.get(self.feedback).stored is None \
+                and self.feedback != "bp":
             raise SalcompileError(
-                "feedback_init='weights' copies each layer's W into its B; DFA's D matrices have no "
-                "weight to copy. Use feedback='fa' with 'weights', or feedback_init='kaiming_uniform'."
-            )
+                f"feedback_init='weights' copies each layer's W into its stored feedback tensor; "
+                f"feedback={self.feedback!r} stores none (" +
+                ("DFA's D matrices have no weight to copy" if self.feedback == "dfa" else
+                 "its B is derived from W at every step") +
+                "). Use feedback='fa', 'frsf' or 'kp' with 'weights', or "
+                "feedback_init='kaiming_uniform'.")
 
     def replace(self, **overrides: Any) -> "SALConfig":
         names = {f.name for f in dataclasses.fields(self)}

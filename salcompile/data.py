@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .errors import SalcompileError
+from .validate import flag, integer, path_arg
 
 Split = Tuple[torch.Tensor, torch.Tensor]
 _PIP_HINT = "(or pip install -e '.[data]')"
@@ -87,10 +88,17 @@ def load(name: str, *, data_dir=None, split_seed: int = 0, flatten: bool = False
     is untouched). ``data_dir`` is needed only by the file datasets (mnist, fashion_mnist,
     cifar10, cifar100).
     """
-    if name not in _LOADERS:
+    if not isinstance(name, str) or name not in _LOADERS:
         raise SalcompileError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}.")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise SalcompileError(f"limit must be a positive int or None, got {limit!r}.")
+    # numpy (mnist1d) takes seeds below 2**32
+    split_seed = integer("split_seed", split_seed, "data.load", lo=0, hi=2 ** 32 - 1,
+                         hint="the seed of the train/test split, e.g. 0")
+    limit = integer("limit", limit, "data.load", lo=1, optional=True,
+                    hint="the number of training samples to keep, or None for all")
+    flag("flatten", flatten, "data.load")
+    flag("grayscale", grayscale, "data.load")
+    if data_dir is not None:
+        data_dir = str(path_arg("data_dir", data_dir, "data.load"))
     ds = _LOADERS[name](data_dir, split_seed)
     if limit is not None:
         ds.x_train, ds.y_train = ds.x_train[:limit], ds.y_train[:limit]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .errors import SalcompileError
 from .ops import gate as _gate
 from .routing import reset_routing_stats as _reset_local
 from .routing import routing_counts_kept, unwrap
@@ -79,6 +80,15 @@ def data_parallel(module: nn.Module, forward_sync_buffers: bool = False,
     built, not at every forward; the feedback matrices and prototypes never change, so
     re-broadcasting them (as large as the weights) would only cost time. torch < 2.13 has no
     `forward_sync_buffers`; there it is passed as `broadcast_buffers`."""
+    if not isinstance(module, nn.Module):
+        raise SalcompileError(f"data_parallel needs the module salcompile.transform returned, got "
+                              f"{type(module).__name__}.")
+    if ddp_kwargs.get("process_group") is None and not (dist.is_available()
+                                                        and dist.is_initialized()):
+        raise SalcompileError(
+            "data_parallel needs a torch.distributed process group, and none is initialised; "
+            "call torch.distributed.init_process_group(...) in every process first (torchrun "
+            "sets it up), or train the module directly in a single process.")
     sync_gates(True, ddp_kwargs.get("process_group"))
     ignore_routing_counts(module)
     if "broadcast_buffers" not in ddp_kwargs and "forward_sync_buffers" not in ddp_kwargs:

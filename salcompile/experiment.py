@@ -20,6 +20,7 @@ from .config import SALConfig
 from .errors import SalcompileError
 from .files import atomic_write_text
 from .training import EpochRecord, Recipe, fit
+from .validate import integer
 
 
 @dataclass
@@ -103,8 +104,12 @@ def run_experiment(model: str, data: str, config: SALConfig, recipe: Recipe, *, 
                    model_kwargs: Optional[dict] = None) -> ExperimentResult:
     from . import data as datasets
     from .pipeline import transform
-    if seeds < 1:
-        raise SalcompileError(f"seeds must be >= 1, got {seeds}.")
+    integer("seeds", seeds, lo=1, hint="how many seeded runs, e.g. 3")
+    if not isinstance(config, SALConfig):
+        raise SalcompileError(f"config must be a salcompile.SALConfig, got {type(config).__name__}.")
+    if not isinstance(recipe, Recipe):
+        raise SalcompileError(f"recipe must be a salcompile.training.Recipe, got "
+                              f"{type(recipe).__name__}.")
     ds = datasets.load(data, data_dir=data_dir, grayscale=grayscale, flatten=flatten, limit=limit)
     config = with_model_defaults(model, config)
     result = ExperimentResult(model, data, config.to_dict(), asdict(recipe))

@@ -6,30 +6,45 @@ says `trust_pickle=True` (a full pickle runs code from the file).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
 import os
 import pickle
+import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from .errors import SalcompileError
+from .validate import flag, path_arg
 
 PLAN_FILE = "salcompile/plan.json"
+CHECKSUM_FILE = "salcompile/checksum.json"   # sha256 of every other member of the archive
 
 EXPORT, STATE_DICT, PICKLE = "torch.export archive", "state_dict", "pickled module"
 
 
 def _require_file(path) -> Path:
-    p = Path(path)
+    p = path_arg("path", path)
     if not p.exists():
-        raise SalcompileError(f"{p}: no such file.")
+        raise SalcompileError(f"{p}: no such file; check the path (relative paths start from "
+                              f"{os.getcwd()}).")
+    if p.is_dir():
+        raise SalcompileError(f"{p} is a directory; pass the path of a model file inside it.")
     if not p.is_file():
-        raise SalcompileError(f"{p}: not a regular file.")
+        raise SalcompileError(f"{p}: not a regular file (a device, pipe or socket); pass the path "
+                              "of a model file written by torch.save or torch.export.save.")
     if p.stat().st_size == 0:
-        raise SalcompileError(f"{p}: the file is empty.")
+        raise SalcompileError(f"{p}: the file is empty; was its write interrupted? Write it again.")
+    if not os.access(p, os.R_OK):
+        raise SalcompileError(f"{p}: not readable (permissions); fix them or copy the file.")
     return p
 
 
@@ -82,9 +97,16 @@ def load_pickled_module(path, trust_pickle: bool) -> torch.nn.Module:
 
 
 def load_export(path, extra_files=None) -> torch.export.ExportedProgram:
+    """Load a torch.export archive; one salcompile wrote is checked against its checksum first
+    (`extra_files`, if given, also receives CHECKSUM_FILE: '' when the archive has none)."""
     p = _require_file(path)
+    digest = verify_checksum(p)
     try:
-        return torch.export.load(str(p), extra_files=extra_files)
+        with _quiet_torch_logs():
+            ep = torch.export.load(str(p), extra_files=extra_files)
+        if extra_files is not None:
+            extra_files[CHECKSUM_FILE] = digest or ""
+        return ep
     except Exception as exc:
         raise SalcompileError(f"{p}: not a readable torch.export archive ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}). Was it truncated? "
@@ -115,29 +137,155 @@ def read_plan_text(path) -> str:
     return extra[PLAN_FILE]
 
 
+# Paths check_output was told not to overwrite: atomic_write checks again under its lock (another
+# process may have written the file since).
+_NO_OVERWRITE: set = set()
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def check_output(path, force: bool) -> Path:
-    p = Path(path)
+    """A file path an output can be written to (checked before any expensive work)."""
+    p = path_arg("path", path)
+    flag("force", force)
+    if p.is_dir():
+        raise SalcompileError(f"{p} is a directory; give a file name, e.g. {p / ('model' + '.pt2')}"
+                              " (--force never replaces a directory).")
     if p.exists() and not force:
-        raise SalcompileError(f"{p} exists; pass --force to overwrite it.")
+        raise SalcompileError(f"{p} exists; pass --force (force=True) to overwrite it, or choose "
+                              "another name.")
+    if p.exists() and not p.is_file():
+        raise SalcompileError(f"{p} exists and is not a regular file (a device, pipe or socket); "
+                              "choose a file path.")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise SalcompileError(f"cannot write {p}: directory {parent} does not exist.")
+        raise SalcompileError(f"cannot write {p}: directory {parent} does not exist; create it "
+                              "first (mkdir -p) or choose another path.")
     if not os.access(parent, os.W_OK):
-        raise SalcompileError(f"cannot write {p}: directory {parent} is not writable.")
+        raise SalcompileError(f"cannot write {p}: directory {parent} is not writable; choose a "
+                              "directory you can write to.")
+    try:  # what access() cannot tell: a read-only or virtual file system (/proc), quotas
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".tmp{p.suffix}", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SalcompileError(f"cannot write {p}: creating a file in {parent} fails "
+                              f"({exc.strerror or exc}); choose a directory on a writable disk."
+                              ) from exc
+    key = str(p.resolve())
+    (_NO_OVERWRITE.discard if force else _NO_OVERWRITE.add)(key)
     return p
 
 
-def atomic_write(path, write: Callable[[str], Any]) -> None:
-    """Call write(tmp_path) and rename tmp to `path`: readers never see a half-written file."""
+def _tmp_pattern(p: Path) -> "re.Pattern":
+    """The names atomic_write gives its temporary files for `p` (tempfile's 8 random chars)."""
+    return re.compile(rf"^\.{re.escape(p.name)}\.[A-Za-z0-9_]{{8}}\.tmp{re.escape(p.suffix)}$")
+
+
+def _clean_stale_temps(p: Path) -> None:
+    """Remove the temporary files an interrupted write to `p` (kill -9, power loss) left behind.
+    Called with the lock on `p` held, so none of them belongs to a live salcompile writer."""
+    parent = p.parent if str(p.parent) else Path(".")
+    pattern = _tmp_pattern(p)
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            if pattern.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    size = entry.stat(follow_symlinks=False).st_size
+                    os.unlink(entry.path)
+                    removed.append(f"{entry.name} ({size:,} bytes)")
+    if removed:
+        warnings.warn(f"salcompile: removed {len(removed)} stale temporary file(s) an interrupted "
+                      f"write to {p} left behind: {', '.join(removed)}.", stacklevel=4)
+
+
+def lock_path(p: Path) -> Path:
+    return (p.parent if str(p.parent) else Path(".")) / f".{p.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(path):
+    """An exclusive lock on output `path` (fcntl.flock on `.<name>.lock` beside it), refused at
+    once when another process holds it. The lock file is removed on release (a crashed holder
+    leaves an empty, unlocked one: harmless, reused and removed by the next writer)."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".tmp{p.suffix}", dir=p.parent or ".")
-    os.close(fd)
+    lp = lock_path(p)
+    for _ in range(20):
+        try:
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SalcompileError(f"cannot write {p}: cannot create its lock file {lp} "
+                                  f"({exc.strerror}); choose a writable directory.") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SalcompileError(
+                f"another process is writing {p} right now (it holds {lp}); wait for it to "
+                "finish, or write to another path.") from None
+        except OSError:
+            os.close(fd)  # a file system without flock (some network mounts): write unlocked
+            yield
+            return
+        # The holder before us may have removed the lock file after we opened it: then our
+        # lock is on a dead inode, and another writer may lock a new file. Retry on the new one.
+        try:
+            same = os.stat(lp).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:  # pragma: no cover
+        raise SalcompileError(f"cannot lock {p}: its lock file {lp} keeps changing; retry.")
     try:
-        write(tmp)
-        os.replace(tmp, p)
+        yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(lp)
+        os.close(fd)
+
+
+def atomic_write(path, write: Callable[[str], Any]) -> None:
+    """Call write(tmp_path) and rename tmp to `path`: readers never see a half-written file.
+
+    Holds an exclusive lock on `path` meanwhile (a second writer is refused), removes temporary
+    files an interrupted earlier write left (with a warning), and turns OS errors into
+    SalcompileErrors saying what to do."""
+    p = path_arg("path", path)
+    key = str(p.resolve())
+    with output_lock(p):
+        if key in _NO_OVERWRITE and p.exists():
+            raise SalcompileError(f"{p} was created by another process while this one was "
+                                  "working; pass --force (force=True) to overwrite it, or choose "
+                                  "another name.")
+        _clean_stale_temps(p)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".tmp{p.suffix}",
+                                       dir=p.parent if str(p.parent) else ".")
+        except OSError as exc:
+            raise SalcompileError(f"cannot write {p}: {exc.strerror or exc}; choose a writable "
+                                  "directory.") from exc
+        os.close(fd)
+        try:
+            with contextlib.suppress(OSError):  # mkstemp makes it 0600: give the usual mode
+                os.chmod(tmp, 0o666 & ~_UMASK)
+            try:
+                write(tmp)
+                os.replace(tmp, p)
+            except IsADirectoryError as exc:
+                raise SalcompileError(f"{p} is a directory; give a file name.") from exc
+            except OSError as exc:
+                raise SalcompileError(
+                    f"writing {p} failed: {exc.strerror or exc}"
+                    + (" (disk full? free space or write elsewhere)"
+                       if exc.errno == errno.ENOSPC else "; check the path and free space")
+                    + ".") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _NO_OVERWRITE.discard(key)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -146,7 +294,7 @@ def atomic_write_text(path, text: str) -> None:
 
 def check_output_dir(path) -> Path:
     """A directory results can be written into: created if missing, refused if not writable."""
-    p = Path(path)
+    p = path_arg("out_dir", path)
     if p.exists() and not p.is_dir():
         raise SalcompileError(f"{p} exists and is not a directory.")
     try:
@@ -156,3 +304,79 @@ def check_output_dir(path) -> Path:
     if not os.access(p, os.W_OK):
         raise SalcompileError(f"cannot write into {p}: not writable.")
     return p
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch logs a full traceback (logging, not an exception) for some archive and export
+    failures we turn into SalcompileErrors: silence its loggers for the call we wrap."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._export",
+                                              "torch._dynamo", "torch.fx.experimental")]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, before):
+            lg.setLevel(lv)
+
+
+def _members_digest(z: zipfile.ZipFile) -> Tuple[str, str, Optional[str]]:
+    """(archive prefix, sha256 over every member but the checksum, the stored checksum or None).
+    Members are hashed by name (below the archive's top folder) and content, in name order."""
+    names = z.namelist()
+    prefix = names[0].split("/", 1)[0] if names and "/" in names[0] else ""
+    strip = len(prefix) + 1 if prefix else 0
+    h = hashlib.sha256()
+    stored = None
+    for name in sorted(names):
+        rel = name[strip:]
+        if rel == "extra/" + CHECKSUM_FILE:
+            stored = json.loads(z.read(name).decode()).get("sha256")
+            continue
+        h.update(rel.encode() + b"\0")
+        h.update(z.read(name))
+    return prefix, h.hexdigest(), stored
+
+
+def add_checksum(path) -> str:
+    """Append CHECKSUM_FILE (the sha256 of the archive's contents) to a torch.export archive."""
+    with zipfile.ZipFile(path) as z:
+        prefix, digest, _ = _members_digest(z)
+    name = (prefix + "/" if prefix else "") + "extra/" + CHECKSUM_FILE
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr(name, json.dumps({"sha256": digest, "scheme": "zip-members-v1"}))
+    return digest
+
+
+def verify_checksum(path) -> Optional[str]:
+    """The archive's verified sha256, None when it carries no checksum (written before
+    salcompile stored one, or by another tool); a SalcompileError when its content changed."""
+    p = Path(path)
+    if not zipfile.is_zipfile(p):
+        return None  # torch.export.load gives the error for what it cannot read
+    try:
+        with zipfile.ZipFile(p) as z:
+            _, digest, stored = _members_digest(z)
+    except (zipfile.BadZipFile, zlib_error(), ValueError, KeyError, OSError) as exc:
+        if "CRC" in str(exc):
+            raise SalcompileError(_damaged(p, f"a stored file fails its CRC check: {exc}")) from exc
+        return None  # not readable as zip members: torch.export.load reports it
+    if stored is None:
+        return None
+    if stored != digest:
+        raise SalcompileError(_damaged(p, f"its contents hash to sha256 {digest[:16]}…, the "
+                                          f"archive recorded {str(stored)[:16]}…"))
+    return digest
+
+
+def zlib_error():
+    import zlib
+    return zlib.error
+
+
+def _damaged(p: Path, why: str) -> str:
+    return (f"{p}: the archive is damaged: {why}. It changed after salcompile wrote it (a broken "
+            "copy or download, or a disk error); copy it again or re-create it with "
+            "salcompile.save / salcompile convert.")

@@ -90,6 +90,7 @@ class LayerSpec:
     constituents: List[str] = field(default_factory=list)  # every parameter in the weight operand
     composed: bool = False         # weight computed from several parameters or through non-view ops
     offs: Optional[fx.Node] = None  # grouped_mm: cumulative row offsets per expert
+    parts: List[fx.Node] = field(default_factory=list)  # shared path: the ops on weight slices
 
 
 @dataclass

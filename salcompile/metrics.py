@@ -12,7 +12,7 @@ from typing import Callable, Dict
 import torch
 import torch.fx as fx
 
-from .module import require_sal
+from .module import feedback_tensor, require_sal
 from .routing import routing_counts_kept
 
 
@@ -25,11 +25,41 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def weight_alignment(module) -> Dict[str, float]:
-    """{weight name: angle(W, B) in degrees} for every FA layer."""
+    """{weight name: angle(W, B) in degrees} for every layer of an FA-family rule (fa, usf, brsf,
+    frsf, kp: salcompile/feedback/), B being the operand the rule's backward uses now (brsf: one
+    fresh draw). 0° = symmetric (backprop), 90° = unrelated. DFA's D has no W to compare with."""
+    from . import feedback
     sal = require_sal(module)
     params = _all_parameters(sal)
-    return {l.weight: angle_degrees(params[l.weight], sal.get_buffer(l.feedback_buffer))
-            for l in sal.sal_plan.layers if l.feedback == "fa" and l.feedback_buffer}
+    out = {}
+    for l in sal.sal_plan.layers:
+        rule = feedback.get(l.feedback)
+        if rule.family != "fa" or (rule.stored is not None and not l.feedback_buffer):
+            continue
+        w = params[l.weight].detach()
+        stored = feedback_tensor(sal, l.feedback_buffer).detach() if l.feedback_buffer else None
+        if stored is not None and stored.shape != w.shape:   # a composed weight's effective B
+            w = _effective_weight(sal, l)
+            if w is None:
+                continue
+        with torch.no_grad():
+            out[l.weight] = angle_degrees(w, rule.backward_operand(w, stored, 1.0))
+    return out
+
+
+def _effective_weight(sal, layer):
+    """The value of a composed layer's weight operand (W + A@B, g·V/‖V‖, ...) now, or None."""
+    from .layers import WeightTracer
+    node = next((n for n in sal.graph.nodes if n.name == layer.node), None)
+    if node is None or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    names = [a.name for a in node.target._schema.arguments]
+    if "weight" not in names:
+        return None
+    try:
+        return WeightTracer(sal).evaluate(sal, node.args[names.index("weight")])
+    except KeyError:
+        return None
 
 
 def backprop_reference(module) -> fx.GraphModule:
@@ -55,12 +85,34 @@ def _grads(module, loss_fn, inputs, names):
     return dict(zip(names, torch.autograd.grad(loss, wanted, allow_unused=True)))
 
 
+def _scalar_loss(loss_fn: Callable) -> Callable:
+    """`loss_fn`, checked: callable, and returning one differentiable number."""
+    from .errors import SalcompileError
+    if not callable(loss_fn):
+        raise SalcompileError(f"gradient_alignment: loss_fn must be a function of the output, got "
+                              f"{type(loss_fn).__name__}; e.g. lambda out: F.cross_entropy(out, y).")
+
+    def checked(out):
+        loss = loss_fn(out)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise SalcompileError(
+                f"gradient_alignment: loss_fn must return a scalar tensor, got {shape}; reduce "
+                "it (.mean() or .sum(), or reduction='mean' in the loss).")
+        if not loss.requires_grad:
+            raise SalcompileError("gradient_alignment: loss_fn's result does not depend on the "
+                                  "output (no gradient); compute it from the output it is given.")
+        return loss.reshape(())
+    return checked
+
+
 def gradient_alignment(module, loss_fn: Callable, *inputs) -> Dict[str, float]:
     """{weight name: angle(SAL update, backprop gradient) in degrees} on one batch.
 
     `loss_fn(output) -> scalar`, e.g. `lambda out: F.cross_entropy(out, y)`. Randomness (dropout)
     is replayed with the same RNG state for both passes; routing statistics are left untouched.
     """
+    loss_fn = _scalar_loss(loss_fn)
     sal = require_sal(module)
     names = sorted({l.weight for l in sal.sal_plan.layers})
     with routing_counts_kept(sal):  # a measurement: leave the routing statistics as they were

@@ -35,6 +35,8 @@ class SALModule(fx.GraphModule):
     # frame on the type of `self`, a new class per GraphModule, and recompile for every module.
     @torch.compiler.disable(recursive=False)
     def __call__(self, *args, **kwargs):
+        if kwargs:
+            kwargs = call_kwargs(self, args, kwargs)
         if torch.compiler.is_compiling():
             return super().__call__(*args, **kwargs)
         try:
@@ -43,6 +45,44 @@ class SALModule(fx.GraphModule):
             if not str(exc).startswith("Guard failed:"):
                 raise
             raise SalcompileError(guard_message(self, str(exc), args, kwargs)) from exc
+
+
+def input_names(module) -> list:
+    """The names of the captured module's inputs, in order (its graph's placeholders)."""
+    return [n.target for n in module.graph.nodes if n.op == "placeholder"]
+
+
+@torch.compiler.disable   # plain Python before the graph runs (SALModule.__call__ is not traced)
+def call_kwargs(module, args, kwargs) -> dict:
+    """The keyword inputs of a call, checked against the captured inputs (torch.export captures):
+    a keyword the capture did not take is dropped when it is None (an optional input left out at
+    capture) and refused otherwise; an input captured as None may be omitted."""
+    if getattr(getattr(module, "sal_plan", None), "capture", None) != "export":
+        return kwargs
+    names = input_names(module)
+    known = set(names)
+    unknown = [k for k in kwargs if k not in known]
+    if unknown:
+        given = [k for k in unknown if kwargs[k] is not None]
+        if given:
+            raise SalcompileError(
+                f"the module was captured without input(s) {', '.join(given)} (its inputs: "
+                f"{', '.join(names) or 'none'}); transform the model again with them in the "
+                "example (example_kwargs={...}), or leave them out / pass None.")
+        kwargs = {k: v for k, v in kwargs.items() if k in known}
+    missing = [n for n in names[len(args):] if n not in kwargs]
+    if missing:
+        nones = {n.target for n in module.graph.nodes
+                 if n.op == "placeholder" and n.target in missing and "val" in n.meta
+                 and n.meta["val"] is None}
+        still = [n for n in missing if n not in nones]
+        if still:
+            raise SalcompileError(
+                f"the module was captured with input(s) {', '.join(still)} and called without "
+                f"them (its inputs: {', '.join(names)}); pass them, or transform the model again "
+                "with an example that leaves them out.")
+        kwargs = {**kwargs, **{n: None for n in missing}}
+    return kwargs
 
 
 _GUARD = re.compile(r"Guard failed:\s*(\w+)\.size\(\)\[(\d+)\]\s*(==|<=|>=|<|>|!=)\s*(-?\d+)\s*$")
@@ -76,6 +116,9 @@ def _input_size(module, name, dim, args, kwargs):
     tensors line up with the placeholders one to one."""
     try:
         names = [n.name for n in module.graph.nodes if n.op == "placeholder"]
+        if kwargs and name in kwargs:
+            t = kwargs[name]
+            return int(t.shape[dim]) if isinstance(t, torch.Tensor) and t.dim() > dim else None
         flat = pytree.tree_leaves(args)
         if kwargs or len(flat) != len(names) or name not in names:
             return None
@@ -105,5 +148,12 @@ def feedback_matrices(module) -> Dict[str, torch.Tensor]:
     """{weight name: its feedback tensor} — B for FA layers, D for DFA layers (shared D appears
     under each weight that reads the same activation)."""
     sal = require_sal(module)
-    return {l.weight: sal.get_buffer(l.feedback_buffer) for l in sal.sal_plan.layers
+    return {l.weight: feedback_tensor(sal, l.feedback_buffer) for l in sal.sal_plan.layers
             if l.feedback_buffer}
+
+
+def feedback_tensor(sal, name: str) -> torch.Tensor:
+    """A feedback tensor by its qualified name: a buffer (fixed B, |B|, D) or, for Kolen-Pollack,
+    a parameter."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(sal.get_submodule(owner) if owner else sal, leaf)

@@ -52,6 +52,13 @@ def _onnx_route(features, proj, prototypes):
     return z.matmul(prototypes.t()).argmax(-1)
 
 
+def _onnx_route_topk(features, proj, prototypes, k):
+    """region_gate_topk's forward: each row's k best areas, best first (ONNX TopK)."""
+    u = features.to(proj.dtype).matmul(proj.t())
+    z = u / u.norm(dim=-1, keepdim=True).clamp_min(_TINY)
+    return z.matmul(prototypes.t()).topk(k, dim=-1).indices
+
+
 def _onnx_grouped_mm(x, weight, offs):
     """fa_grouped_mm's forward without host reads: every expert's matmul on every row, kept
     where the row lies in that expert's offsets (E is static; masked-dense, as the area ops)."""
@@ -146,6 +153,8 @@ def inference_graph(sal) -> fx.GraphModule:
             fn, args = _onnx_grouped_mm, tuple(a[:3])
         elif t is s.region_gate.default:
             fn, args = _onnx_route, tuple(a[:3])
+        elif t is s.region_gate_topk.default:
+            fn, args = _onnx_route_topk, tuple(a[:3]) + (a[5],)
         elif t in linear_targets:
             x, area, _, w, b, _, areas, mode, input_block = a[:9]
             fn, args = _onnx_area_linear, (x, area, w, b, areas, mode, input_block)
@@ -159,7 +168,8 @@ def inference_graph(sal) -> fx.GraphModule:
             raise SalcompileError(f"export_onnx: unexpected keyword arguments on {node.name}.")
         with g.inserting_before(node):
             new = g.call_function(fn, args)
-            if t is s.region_gate.default:   # (area, anchor) -> area; the anchor is a zero
+            if t in (s.region_gate.default, s.region_gate_topk.default):
+                # (area, anchor) -> area; the anchor is a zero
                 anchor = g.call_function(_onnx_anchor, (a[1],))
                 for user in list(node.users):
                     if user.target is not operator.getitem:
@@ -400,6 +410,12 @@ def refuse_training_export(sal, who: str) -> None:
             return "weight gathered by indices"
         return None
     odd = [f"{l.name} ({why(l)})" for l in sal.sal_plan.layers if why(l)]
+    top_k = sal.sal_plan.config.get("route_top_k", 1)
+    if top_k > 1:
+        raise SalcompileError(
+            f"{who}: route_top_k={top_k} (top-k routing) is not supported by the ONNX Runtime "
+            "training exporters yet. Train in torch (eager or salcompile.compile); export_onnx "
+            "gives the inference graph.")
     if odd:
         raise SalcompileError(
             f"{who}: layers {', '.join(odd)} are not supported by the ONNX Runtime training "

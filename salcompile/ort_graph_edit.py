@@ -180,11 +180,13 @@ def _weight_independent(model, forward, params: Set[str]) -> Set[str]:
     return known
 
 
-def fa_edit(model, feedback: Dict[str, np.ndarray], params: Set[str], loss_grad: str,
-            match_norm: bool) -> int:
+def fa_edit(model, feedback: Dict[str, Optional[np.ndarray]], params: Set[str], loss_grad: str,
+            match_norm: bool, derive: Optional[Dict[str, Callable]] = None) -> int:
     """Redirect backward reads of each FA weight (and of its weight-only forward chains) to its
-    feedback initializer (rescaled per read tensor with match_norm). Returns the number of
-    redirected inputs."""
+    feedback: the initializer holding its stored tensor, or, for a weight in `derive`, the
+    tensor `derive[w](build, w, stored)` computes from W at every step (the sign rules; `build`
+    a Builder). Rescaled per read tensor with match_norm. Returns the
+    number of redirected inputs."""
     import onnx
     from onnx import numpy_helper
     g = model.graph
@@ -193,9 +195,14 @@ def fa_edit(model, feedback: Dict[str, np.ndarray], params: Set[str], loss_grad:
     constants = _weight_independent(model, forward, params)
     rename: Dict[str, str] = {}   # tensor read by the backward pass -> its feedback counterpart
     owner: Dict[str, str] = {}    # chain tensor -> the FA weight it derives from
+    derived = Builder(model, "feedback_rule", names)
     for w, b in feedback.items():
-        name = names(f"{w}_feedback")
-        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b), name))
+        name = None
+        if b is not None:
+            name = names(f"{w}_feedback")
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b), name))
+        if derive and w in derive:   # forward-side nodes: only the backward reads them
+            name = derive[w](derived, w, name)
         rename[w] = name
         owner[w] = w
     mirrored = []

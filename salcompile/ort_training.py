@@ -57,9 +57,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from . import feedback as feedback_rules
 from .errors import SalcompileError
 from .files import check_output_dir
-from .module import SALModule, require_sal
+from .module import SALModule, feedback_tensor, require_sal
 from .train_step_graph import _batch_norm   # batch statistics in plain ops
 from .onnx_export import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
                           _first_line, _require_onnx, check_training_choices, export_graph,
@@ -112,9 +113,26 @@ def _require_ort_training():
     return artifacts
 
 
+def _fa_family(layer) -> bool:
+    return feedback_rules.get(layer.feedback).family == "fa"
+
+
+def _derived(rule, bound: float, dtype):
+    """The rule's per-step operand as ONNX nodes reading W (see ort_graph_edit.fa_edit)."""
+    return lambda build, w, stored: rule.onnx_operand(
+        build.op, w, stored, build.const(bound, dtype=dtype, name="bound"))
+
+
 def _check_supported(sal, loss: str, optimizer: str) -> None:
     check_training_choices(WHO, loss, optimizer)
-    fa = {l.weight for l in sal.sal_plan.layers if l.feedback == "fa"}
+    rule = feedback_rules.get(sal.sal_plan.config.get("feedback", "fa"))
+    if not rule.onnx_training:
+        raise SalcompileError(
+            f"{WHO}: feedback={rule.name!r} cannot be written into ONNX Runtime's training "
+            "artifacts (ORT builds the gradient graph itself and would not hand the trainable "
+            "feedback matrix its layer's dW). Train in torch (eager or salcompile.compile), or use "
+            "export_train_step, which writes the whole step as one graph.")
+    fa = {l.weight for l in sal.sal_plan.layers if _fa_family(l)}
     fallback = {w for f in sal.sal_plan.backprop for w in f.weights}
     both = sorted(fa & fallback)
     if both:
@@ -123,7 +141,7 @@ def _check_supported(sal, loss: str, optimizer: str) -> None:
             "(a fallback); one ONNX gradient graph cannot read W for one and B for the other. "
             "Train this model in torch, or transform with feedback='bp'.")
     for layer in sal.sal_plan.layers:
-        if layer.feedback == "fa" and not layer.feedback_buffer:
+        if _fa_family(layer) and rule.stored is not None and not layer.feedback_buffer:
             raise SalcompileError(f"{WHO}: FA layer {layer.name} has no feedback buffer; "
                                   "re-run salcompile.transform.")
 
@@ -258,12 +276,22 @@ def _edit_training_model(model, sal, marks, taps, gates, params) -> Dict[str, in
     g = model.graph
     loss_grad = g.output[0].name + "_grad"   # generate_artifacts puts the loss first
     plan = sal.sal_plan
-    feedback = {l.weight: sal.get_buffer(l.feedback_buffer).detach().cpu().numpy()
-                for l in plan.layers if l.feedback == "fa" and l.feedback_buffer}
+    feedback, derive = {}, {}
+    for l in plan.layers:
+        if not _fa_family(l):
+            continue
+        rule = feedback_rules.get(l.feedback)
+        if l.feedback_buffer:
+            feedback[l.weight] = feedback_tensor(sal, l.feedback_buffer).detach().cpu().numpy()
+        elif rule.stored is None:
+            feedback[l.weight] = None
+        if rule.operand is not None:
+            derive[l.weight] = _derived(rule, l.feedback_bound,
+                                        sal.get_parameter(l.weight).detach().cpu().numpy().dtype)
     match = plan.config.get("feedback_scale") == "match"
     counts = {"redirected": 0, "dfa_taps": 0, "gates": 0}
     if feedback:
-        counts["redirected"] = ge.fa_edit(model, feedback, params, loss_grad, match)
+        counts["redirected"] = ge.fa_edit(model, feedback, params, loss_grad, match, derive)
         if not counts["redirected"]:
             raise SalcompileError(f"{WHO}: no backward read of an FA weight found in the "
                                   "training graph; the FA edit did nothing.")
@@ -324,7 +352,7 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir,
                         force: bool = False, dynamic_batch: bool = True) -> Dict[str, Any]:
     """Write ONNX Runtime training artifacts of a transformed module into `out_dir`.
 
-    `module`: a module returned by salcompile.transform (FA, DFA or BP feedback; dense or with
+    `module`: a module returned by salcompile.transform (FA, DFA, BP, usf, brsf or frsf; dense or with
     SAL areas; feedback_scale 'none' or 'match'; batch norm, dropout, layer norm, attention).
     `example_inputs`: a tuple of inputs (a batch of 2 or more when `dynamic_batch`, which makes
     dimension 0 of every input dynamic). `loss`: 'cross_entropy' (ORT's mean
@@ -345,7 +373,35 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir,
     _check_supported(sal, loss, optimizer)
     _require_onnx(WHO)
     artifacts = _require_ort_training()
+    created = not Path(out_dir).exists()
     out = check_output_dir(out_dir)
+    try:
+        return _export(sal, example_inputs, out, loss, optimizer, dynamic_batch, force, artifacts)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()   # a failed export leaves no empty directory behind
+        raise
+
+
+def _checkable(model):
+    """A copy onnx.checker can check: ORT's own gradient ops in the default domain (MaxPoolGrad,
+    which onnxruntime-training runs on CPU, has no ONNX schema) are moved to ORT's domain, which
+    the checker leaves alone; every other node is checked as it is."""
+    ort_ops = [n for n in model.graph.node if not n.domain and n.op_type.endswith("Grad")]
+    if not ort_ops:
+        return model
+    import onnx
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for n in copy.graph.node:
+        if not n.domain and n.op_type.endswith("Grad"):
+            n.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in copy.opset_import):
+        copy.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return copy
+
+
+def _export(sal, example_inputs, out, loss, optimizer, dynamic_batch, force, artifacts):
     present = [f for f in ARTIFACTS if (out / f).exists()]
     if present and not force:
         raise SalcompileError(f"{out} already holds {', '.join(present)}; pass force=True "
@@ -393,7 +449,7 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir,
                 _eval_dropout_off(m)
             m.ir_version = IR_VERSION
             try:
-                onnx.checker.check_model(m)
+                onnx.checker.check_model(_checkable(m))
             except Exception as exc:
                 raise SalcompileError(f"{WHO}: {name} fails onnx.checker: "
                                       f"{_first_line(exc)}") from exc

@@ -24,16 +24,20 @@ class LayerEntry:
     op: str            # linear, conv2d, conv_transpose1d, matmul, bmm, einsum...
     weight: str        # qualified name of the parameter
     shape: List[int]   # the parameter's shape
-    feedback: str      # fa | dfa | bp
+    feedback: str      # the rule's name (salcompile/feedback/): fa, dfa, bp, usf, brsf, frsf, kp
     role: str          # hidden | head
     node: str          # FX node name
     via: str = ""      # ops between the parameter and the layer (t, chunk...), mirrored onto B
     feedback_buffer: str = ""  # qualified name of its B (FA) or D (DFA) buffer
+    feedback_bound: float = 0.0  # 1/sqrt(fan_in): the scale of a rule's derived B (usf, brsf)
     gate: str = ""     # the gate routing it (SAL areas), "" when un-gated
     area_mode: str = ""  # partition | replicate | exit (dense output, reads its input's area block)
     input_block: bool = False  # reads only the area block of its (area-sparse) input
     sees: str = ""     # sparsity state of its input: dense | area-sparse(<gate>)
     constituents: List[str] = field(default_factory=list)  # parameters of a composed weight
+    shared: int = 0      # shared dense path: outputs every row computes (SALConfig.shared_fraction)
+    shared_in: int = 0   # input columns it reads densely (the layer before's shared outputs)
+    parts: List[str] = field(default_factory=list)  # shared path: the nodes on weight slices
 
 
 @dataclass
@@ -55,7 +59,8 @@ class Plan:
     regions: List[Dict] = field(default_factory=list)  # gate, layers, exits, reads, route_by, ...
     # every parameter of the transformed module -> "layer" (its weight, or a constituent of a
     # composed one, trains by the feedback rule), "local" (true local gradient: bias, norm affine,
-    # embedding, gate projection), "backprop" (listed in `backprop` with the reason), "frozen"
+    # embedding, gate projection), "feedback" (Kolen-Pollack's trainable B), "backprop" (listed
+    # in `backprop` with the reason), "frozen"
     roles: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)  # e.g. "no SAL region: <reason>"
 
@@ -81,7 +86,10 @@ class Plan:
         lines = [f"salcompile plan  (captured by {self.capture}; feedback={c.get('feedback')}, "
                  f"init={c.get('feedback_init')}, scale={c.get('feedback_scale')}, "
                  f"seed={c.get('feedback_seed')}, areas={c.get('areas')}"
-                 + (f" {c.get('area_mode')}" if self.regions else "") + ")"]
+                 + (f" {c.get('area_mode')}" if self.regions else "")
+                 + (f", top-{c['route_top_k']} routing" if c.get("route_top_k", 1) > 1 else "")
+                 + (f", shared {c['shared_fraction']:g}" if c.get("shared_fraction") else "")
+                 + ")"]
         rows = [("layer", "op", "weight", "shape", "feedback", "role")]
         if self.regions:
             rows[0] += ("gate", "area", "input")
@@ -94,6 +102,8 @@ class Plan:
             if self.regions:
                 area = l.area_mode + (" (reads block)" if l.input_block and l.area_mode != "exit"
                                       else "")
+                if l.shared or l.shared_in:
+                    area += f" (shared {l.shared} out, {l.shared_in} in)"
                 row += (l.gate or "-", area or "-", l.sees or "dense")
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -111,8 +121,11 @@ class Plan:
                          + (f"; exits: {', '.join(r['exits'])}" if r["exits"] else ""))
         if self.roles:
             counts = {r: sum(1 for v in self.roles.values() if v == r)
-                      for r in ("layer", "local", "backprop", "frozen")}
+                      for r in ("layer", "feedback", "local", "backprop", "frozen")}
             lines.append("parameters: " + ", ".join(f"{n} {r}" for r, n in counts.items() if n))
+        rule = _rule_line(c.get("feedback"))
+        if rule and self.layers:
+            lines.append(rule)
         lines.extend(self.notes)
         if self.dfa_taps:
             lines.append(f"DFA taps (activations receiving e·D): {', '.join(self.dfa_taps)}")
@@ -193,3 +206,18 @@ def analyse(gm: fx.GraphModule, config: SALConfig, capture: str):
         plan.backprop.append(FallbackEntry(name=layer_name(u.node, u.params[0]), op=u.op,
                                            weights=u.params, reason=u.reason, node=u.node.name))
     return plan, specs, tracer, head
+
+
+def _rule_line(name) -> str:
+    """One line on what the rule reads, for a reader of a result (which information crossed)."""
+    from . import feedback
+    try:
+        rule = feedback.get(name)
+    except KeyError:
+        return ""
+    if rule.family != "fa" or rule.name == "fa":
+        return ""
+    line = f"feedback {rule.name}: {rule.summary}"
+    if rule.reads_weight:
+        line += " (its backward reads the signs of W)"
+    return line

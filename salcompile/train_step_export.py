@@ -45,6 +45,7 @@ from .train_step_graph import WHO as _WHO
 from .train_step_graph import _decompositions, _loss, _Optimizer, _trainable_graph
 from .ort_graph_edit import cast_like_to_cast
 from .train_step_session import LOSS, NEW, STEP
+from .validate import Num, check, flag
 from .onnx_export import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
                           _first_line, _require_onnx, check_training_choices, dynamo_export,
                           failure_cause)
@@ -254,6 +255,30 @@ def _example_target(out, loss: str):
     return torch.zeros_like(out)
 
 
+_NUMBERS = {
+    "lr": Num(lo=0, hint="the learning rate, e.g. 1e-3"),
+    "weight_decay": Num(lo=0, optional=True, hint="e.g. 0.01, or None for the optimizer's default"),
+    "eps": Num(lo=0, hint="AdamW's epsilon, e.g. 1e-8"),
+    "momentum": Num(lo=0, hi=1, hint="SGD momentum, e.g. 0.9 (0: none)"),
+}
+
+
+def _check_arguments(lr, weight_decay, betas, eps, momentum, nesterov, dynamic_batch,
+                     force) -> None:
+    values = dict(lr=lr, weight_decay=weight_decay, eps=eps, momentum=momentum)
+    for name, spec in _NUMBERS.items():
+        check(name, values[name], spec, _WHO)
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise SalcompileError(f"{_WHO}: betas must be two numbers in [0, 1), got {betas!r}; "
+                              "e.g. betas=(0.9, 0.999).")
+    for i, b in enumerate(betas):
+        check(f"betas[{i}]", b, Num(lo=0, hi=1, hi_open=True, hint="e.g. betas=(0.9, 0.999)"),
+              _WHO)
+    for name, value in (("nesterov", nesterov), ("dynamic_batch", dynamic_batch),
+                        ("force", force)):
+        flag(name, value, _WHO)
+
+
 def export_train_step(module, example_inputs: Tuple[Any, ...], path, loss: str = "cross_entropy",
                       optimizer: str = "adamw", lr: float = 1e-3,
                       weight_decay: Optional[float] = None, betas: Sequence[float] = (0.9, 0.999),
@@ -274,13 +299,17 @@ def export_train_step(module, example_inputs: Tuple[Any, ...], path, loss: str =
 
     Routed (area) layers run in masked-dense form (every area's block on every row, masked: the
     routed result and gradients, K× the compute). Batch norm trains with batch statistics and
-    its running statistics are carried state. Dropout with p > 0 is refused (random masks).
+    its running statistics are carried state. Dropout (plain and channel) draws its own masks
+    in the graph (RandomUniformLike): the distribution is torch's, the numbers are not.
+    The file holds the graph only, no weights: TrainStepSession takes them from the module, its
+    state_dict or its archive.
     Returns {"path", "inputs", "outputs", "parameters", "state", "constants"}.
     """
     sal = require_sal(module)
     from .onnx_export import refuse_training_export
     refuse_training_export(sal, "export_train_step")
     check_training_choices(_WHO, loss, optimizer)
+    _check_arguments(lr, weight_decay, betas, eps, momentum, nesterov, dynamic_batch, force)
     out_path = check_output(path, force)
     _require_onnx(_WHO)
     if isinstance(example_inputs, torch.Tensor):

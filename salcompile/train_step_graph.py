@@ -57,7 +57,7 @@ def _trainable_graph(sal) -> fx.GraphModule:
         if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
             _inline_batch_norm(g, node, mod)
         elif isinstance(mod, torch.nn.modules.dropout._DropoutNd):
-            _drop(g, node, mod.p)
+            _drop(g, node, mod.p, mod)
         elif node.op == "call_function" and node.target in _DROPOUT:
             a = list(node.args) + [None] * 2
             _drop(g, node, node.kwargs.get("p", 0.5 if a[1] is None else a[1]))
@@ -76,14 +76,43 @@ _DROPOUT = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropo
             F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 
 
-def _drop(g: fx.Graph, node: fx.Node, p) -> None:
-    """Dropout with p=0 is the identity; any other p is refused (random masks)."""
-    if isinstance(p, fx.Node) or p != 0 or node.target is aten.native_dropout.default:
+_FEATURE_DROPOUT = (aten.feature_dropout.default, F.dropout1d, F.dropout2d, F.dropout3d)
+_ALPHA_DROPOUT = (aten.alpha_dropout.default, aten.feature_alpha_dropout.default, F.alpha_dropout,
+                  F.feature_alpha_dropout, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def inverted_dropout(x: torch.Tensor, p: float, feature: bool) -> torch.Tensor:
+    """Training-mode dropout in ops the ONNX exporter writes as RandomUniformLike: every step
+    draws a fresh mask in onnxruntime, with torch's distribution (keep with probability 1-p,
+    kept values scaled by 1/(1-p); per channel for the feature forms), not torch's numbers."""
+    if p >= 1:
+        return x * 0
+    like = x[(slice(None), slice(None)) + (slice(0, 1),) * (x.dim() - 2)] if feature else x
+    keep = (torch.rand_like(like) >= p).to(x.dtype)
+    return x * keep * (1.0 / (1.0 - p))
+
+
+def _drop(g: fx.Graph, node: fx.Node, p, module=None) -> None:
+    """Dropout: the identity for p=0, inverted_dropout otherwise (alpha dropout is refused)."""
+    kind = type(module) if module is not None else node.target
+    if isinstance(p, fx.Node) or kind in _ALPHA_DROPOUT or \
+            node.target is aten.native_dropout.default:
         raise SalcompileError(
-            f"{WHO}: dropout ({node.name}, p={p}) is not supported: its random mask cannot be "
-            "reproduced in onnxruntime. Set the dropout probability to 0 (or remove dropout) "
-            "before salcompile.transform.")
-    node.replace_all_uses_with(node.args[0])
+            f"{WHO}: dropout {node.name} ({getattr(kind, '__name__', kind)}, p={p}) is not "
+            "supported in the train-step graph (only plain and channel dropout with a constant "
+            "p are). Set its probability to 0 (or remove it) before salcompile.transform, or "
+            "train in torch.")
+    if p == 0:
+        node.replace_all_uses_with(node.args[0])
+        g.erase_node(node)
+        return
+    feature = kind in _FEATURE_DROPOUT or isinstance(module, (torch.nn.Dropout1d,
+                                                              torch.nn.Dropout2d,
+                                                              torch.nn.Dropout3d))
+    with g.inserting_before(node):
+        new = g.call_function(inverted_dropout, (node.args[0], float(p), feature))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
     g.erase_node(node)
 
 

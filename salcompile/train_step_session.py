@@ -31,17 +31,33 @@ def _numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _weights(params) -> Mapping[str, Any]:
+    """A state_dict from a mapping, a module or an archive path."""
+    import os
+    if isinstance(params, Mapping):
+        return params
+    if hasattr(params, "state_dict"):
+        return params.state_dict()
+    if isinstance(params, (str, os.PathLike)):
+        from .archive import load
+        return load(params).state_dict()
+    raise SalcompileError(f"TrainStepSession: params must be a state_dict, the transformed module "
+                          f"or the path of its archive, got {type(params).__name__}.")
+
+
 class TrainStepSession:
     """Holds the parameters and optimizer state of a train-step graph as numpy arrays and runs
     one step per call.
 
-    `path`: the .onnx file from export_train_step. `params`: the module's state_dict (torch
-    tensors or numpy arrays); every parameter and carried buffer the graph reads must be in it.
+    `path`: the .onnx file from export_train_step (the graph only: it holds no weights).
+    `params`: where the weights come from: the module's state_dict (torch tensors or numpy
+    arrays), the transformed module itself, or the path of its archive (salcompile.save /
+    `convert`); every parameter and carried buffer the graph reads must be in it.
     Optimizer state (`<param>.exp_avg`, ..., `optimizer.step`) starts at zero unless `params`
     holds it (to resume). `providers`: onnxruntime execution providers (default: the CPU).
     """
 
-    def __init__(self, path, params: Mapping[str, Any], providers: Optional[Sequence] = None,
+    def __init__(self, path, params: Any, providers: Optional[Sequence] = None,
                  sess_options=None):
         try:
             import onnxruntime as ort
@@ -70,6 +86,7 @@ class TrainStepSession:
         self.data_names = [i.name for i in inputs if i.name + NEW not in produced]
         self._types = {i.name: _DTYPES.get(i.type) for i in inputs}
         self._outputs = [LOSS] + [n + NEW for n in self.state_names]
+        params = _weights(params)
         self._extra = {k: _numpy(v) for k, v in params.items()}   # returned by state_dict too
         self.values: Dict[str, np.ndarray] = {}
         missing = []

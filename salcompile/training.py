@@ -17,8 +17,19 @@ from torch import nn
 
 from .errors import SalcompileError
 from .routing import routing_counts_kept
+from .validate import Int, Num, check_numbers
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+# Every numeric Recipe field: type and valid range (salcompile/validate.py).
+RECIPE_FIELDS = {
+    "lr": Num(lo=0, lo_open=True, hint="the learning rate, e.g. 3e-3"),
+    "batch": Int(lo=1, hint="samples per step, e.g. 16"),
+    "epochs": Int(lo=1, hint="passes over the training set, e.g. 25"),
+    "momentum": Num(lo=0, hi=1, hint="SGD momentum, e.g. 0.9 (0: none)"),
+    "weight_decay": Num(lo=0, hint="e.g. 0 or 1e-4"),
+}
 
 
 @dataclass(frozen=True)
@@ -33,9 +44,7 @@ class Recipe:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise SalcompileError(f"optimizer={self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}.")
-        for name in ("lr", "batch", "epochs"):
-            if not getattr(self, name) > 0:
-                raise SalcompileError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+        check_numbers(self, RECIPE_FIELDS, who="Recipe")
 
     def make_optimizer(self, params):
         kw = dict(lr=self.lr, weight_decay=self.weight_decay)
@@ -94,6 +103,13 @@ def _alignment(model, x, y) -> Optional[float]:
 
 def _check_split(name, x, y) -> None:
     """Labels the loss can use, caught before the first step (not deep inside cross_entropy)."""
+    for what, v, fix in (("inputs", x, "torch.from_numpy(x).float()"),
+                         ("labels", y, "torch.from_numpy(y).long()")):
+        if not isinstance(v, torch.Tensor):
+            kind = f"a numpy array ({v.dtype})" if type(v).__module__ == "numpy" else \
+                f"a {type(v).__module__}.{type(v).__name__}"
+            raise SalcompileError(f"{name} {what} are {kind}; fit takes torch tensors: "
+                                  f"convert with {fix}.")
     if len(x) != len(y):
         raise SalcompileError(f"{name} set: {len(x)} inputs but {len(y)} labels.")
     if len(x) == 0:

@@ -137,20 +137,82 @@ CASES = [
         _archive(tmp)[0], (_x(),), tmp / "s.onnx", loss="hinge"), "cross_entropy, mse"),
     ("export-unknown-optimizer", lambda tmp: salcompile.export_ort_training(
         _archive(tmp)[0], (_x(),), tmp / "artifacts", optimizer="lamb"), "adamw, sgd"),
-    ("train-step-with-dropout", lambda tmp: salcompile.export_train_step(
+    ("train-step-with-alpha-dropout", lambda tmp: salcompile.export_train_step(
         salcompile.transform(Dropped(), (_x(),), areas=1), (_x(),), tmp / "s.onnx"),
-     "Set the dropout probability to 0"),
+     "Set its probability to 0"),
     ("corrupt-onnx-file", lambda tmp: salcompile.TrainStepSession(
         _write(tmp, "m.onnx", b"\x08\x07garbage"), {}), "Write it again"),
     ("not-a-train-step-graph", lambda tmp: salcompile.TrainStepSession(_inference_onnx(tmp), {}),
      "not a train-step graph"),
+    # numbers: finite, in range, of the right type (salcompile/validate.py)
+    ("config-not-finite", _transform(balance_weight=float("nan")), "finite number in [0, 10000]"),
+    ("config-out-of-range", _transform(temperature=1e-300), "in [0.0001, 10000]"),
+    ("bool-is-not-a-number", _transform(temperature=True), "a bool, not a number"),
+    ("route-dim-absurd", _transform(route_dim=2 ** 40), "route_dim must be an int in [1, 65536]"),
+    ("recipe-not-integer", lambda tmp: Recipe(batch=2.5), "not a whole number"),
+    ("recipe-not-finite", lambda tmp: Recipe(weight_decay=float("inf")), "finite number"),
+    ("export-lr-not-finite", lambda tmp: salcompile.export_train_step(
+        _archive(tmp)[0], (_x(),), tmp / "s.onnx", lr=float("nan")), "lr must be >= 0"),
+    ("split-seed-not-integer", lambda tmp: salcompile.data.load("digits", split_seed="x"),
+     "split_seed must be an int"),
+    ("model-size-negative", lambda tmp: salcompile.models.build("mlp", hidden=-1),
+     "hidden must be an int in [1, 2**24]"),
+    # sizes the machine cannot hold: estimated before allocating
+    ("absurd-size", _transform(areas=10 ** 9, area_mode="replicate"), "is available"),
+    ("model-too-big", lambda tmp: salcompile.models.build("mlp", hidden=2 ** 24,
+                                                          in_features=2 ** 24), "is available"),
+    # paths
+    ("output-is-a-directory",
+     lambda tmp: salcompile.save(_archive(tmp)[0], (_x(),), tmp, force=True), "is a directory"),
+    ("onnx-output-is-a-directory",
+     lambda tmp: salcompile.export_onnx(_archive(tmp)[0], (_x(),), tmp), "is a directory"),
+    ("path-not-a-path", lambda tmp: salcompile.save(_archive(tmp)[0], (_x(),), None),
+     "must be a file path"),
+    ("load-path-not-a-path", lambda tmp: salcompile.load(123), "must be a file path"),
+    ("output-unwritable-file-system",
+     lambda tmp: salcompile.save(_archive(tmp)[0], (_x(),), "/proc/m.pt2"),
+     "choose a directory on a writable disk"),
+    ("not-a-regular-file", lambda tmp: salcompile.load("/dev/null"), "not a regular file"),
+    # archives and concurrent writers
+    ("corrupt-archive", lambda tmp: salcompile.load(_corrupt(tmp)), "the archive is damaged"),
+    ("another-writer", lambda tmp: _while_locked(tmp), "another process is writing"),
+    # arguments of the other entry points
+    ("example-inputs-empty-batch",
+     lambda tmp: salcompile.transform(MLP(8, 16, 3), (_x(0),)), "empty batch"),
+    ("gradient-alignment-non-scalar-loss", lambda tmp: salcompile.metrics.gradient_alignment(
+        _archive(tmp)[0], lambda out: out, _x()), "scalar tensor"),
+    ("data-parallel-without-process-group",
+     lambda tmp: salcompile.distributed.data_parallel(_archive(tmp)[0]), "init_process_group"),
 ]
+
+
+def _corrupt(tmp):
+    """8 flipped bytes inside a saved archive's weights."""
+    import zipfile
+    _, path = _archive(tmp)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/weights/weight_" in i.filename),
+                   key=lambda i: i.file_size)
+    h = info.header_offset   # the local header's own name and extra lengths (torch pads it)
+    start = h + 30 + int.from_bytes(data[h + 26:h + 28], "little") + \
+        int.from_bytes(data[h + 28:h + 30], "little")
+    for i in range(8):
+        data[start + 16 + i] ^= 0xFF
+    return _write(tmp, "cut.pt2", bytes(data))
+
+
+def _while_locked(tmp):
+    from salcompile.files import output_lock
+    sal, _ = _archive(tmp)
+    with output_lock(tmp / "x.pt2"):  # as another process writing x.pt2 would
+        salcompile.save(sal, (_x(),), tmp / "x.pt2")
 
 
 class Dropped(nn.Module):
     def __init__(self):
         super().__init__()
-        self.l, self.d = nn.Linear(8, 4), nn.Dropout(0.5)
+        self.l, self.d = nn.Linear(8, 4), nn.AlphaDropout(0.5)
 
     def forward(self, x):
         return self.d(self.l(x))

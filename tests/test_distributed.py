@@ -28,6 +28,8 @@ CASES = {   # name: (SALConfig fields, how the rank wraps it)
     "sal4_partition": (dict(areas=4, area_mode="partition"), "ddp"),
     "sal4_replicate_broadcast": (dict(areas=4, area_mode="replicate"), "helper"),
     "sal4_dfa": (dict(areas=4, feedback="dfa"), "ddp"),
+    "sal4_kp": (dict(areas=4, feedback="kp"), "ddp"),   # B a parameter: its gradient is averaged
+    "usf_dense": (dict(areas=1, feedback="usf"), "ddp"),
     # controls: per-shard gate statistics (P drifts); DDP's forward buffer sync clobbers counts
     "sal4_unsynced": (dict(areas=4, area_mode="partition"), "unsynced"),
     "sal4_plain_ddp_sync": (dict(areas=4, area_mode="partition"), "plain"),

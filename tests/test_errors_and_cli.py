@@ -35,7 +35,7 @@ def test_untraceable_model_names_the_construct_and_remedy(example):
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    ({"feedback": "magic"}, "['fa', 'dfa', 'bp']"),
+    ({"feedback": "magic"}, "['fa', 'dfa', 'bp', 'usf', 'brsf', 'frsf', 'kp']"),
     ({"feedback_init": "zeros"}, "kaiming_uniform"),
     ({"feedback_scale": "huge"}, "match"),
     ({"areas": 0}, ">= 1"),

@@ -405,3 +405,43 @@ def test_frozen_parameters_stay_frozen(tmp_path, data):
     _, got, state = _ort_grads(tmp_path, xb, yb)
     assert "layers.0.weight" in dict(state.parameters)   # in the checkpoint, not trained
     _close_all(got, {n: p.grad for n, p in sal.named_parameters() if p.grad is not None})
+
+
+class _MaxPoolCNN(nn.Module):
+    """The classic MNIST CNN shape: conv, ReLU, max-pool, dropout-free head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1))
+
+
+def test_max_pool_cnn_trains_in_ort_with_the_torch_gradients(tmp_path):
+    """ORT's MaxPoolGrad (run by onnxruntime-training on CPU, unknown to onnx.checker) is kept."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 6, 6)
+    sal = salcompile.transform(_MaxPoolCNN(), (x,), areas=1)
+    export_ort_training(sal, (x,), tmp_path / "art")
+    xb, yb = _batch((1, 6, 6), 3, 7, seed=2)
+    _, got, _ = _ort_grads(tmp_path / "art", xb, yb)
+    _close_all(got, _torch_grads(sal, xb, yb))
+
+
+def test_a_failed_export_leaves_no_empty_directory(tmp_path, monkeypatch):
+    import salcompile.ort_training as ot
+    sal, x = _mlp()
+
+    def fail(*a, **k):   # a failure after the output directory was made
+        assert (tmp_path / "new").is_dir() or (tmp_path / "kept").is_dir()
+        raise SalcompileError("export_ort_training: simulated failure")
+    monkeypatch.setattr(ot, "_training_graph", fail)
+    with pytest.raises(SalcompileError, match="simulated"):
+        export_ort_training(sal, (x,), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()   # a directory the user made stays
+    with pytest.raises(SalcompileError, match="simulated"):
+        export_ort_training(sal, (x,), tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir()

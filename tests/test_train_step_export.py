@@ -262,20 +262,74 @@ def test_bad_input(tmp_path):
 
 
 @pytest.mark.parametrize("capture", ["export", "symbolic_trace"])
-def test_dropout(tmp_path, capture):
-    """p > 0 is refused (torch's random masks cannot be reproduced); p = 0 is the identity."""
+def test_dropout_p0_is_the_identity(tmp_path, capture):
     x = torch.randn(4, 8)
-    for p in (0.5, 0.0):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(p), nn.Linear(8, 2))
-        sal = salcompile.transform(model, (x,) if capture == "export" else None, areas=1)
-        path = tmp_path / f"d{p}.onnx"
-        if p:
-            with pytest.raises(SalcompileError, match=r"dropout .*p=0.5"):
-                export_train_step(sal, (x,), path)
-            assert not path.exists()
-        else:
-            export_train_step(sal, (x,), path, optimizer="sgd", lr=0.1)
-            y = torch.randint(0, 2, (4,))
-            want = F.cross_entropy(sal(x), y).item()
-            assert TrainStepSession(path, sal.state_dict()).step(x, y) == pytest.approx(want)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.0), nn.Linear(8, 2))
+    sal = salcompile.transform(model, (x,) if capture == "export" else None, areas=1)
+    path = tmp_path / "d0.onnx"
+    export_train_step(sal, (x,), path, optimizer="sgd", lr=0.1)
+    y = torch.randint(0, 2, (4,))
+    want = F.cross_entropy(sal(x), y).item()
+    assert TrainStepSession(path, sal.state_dict()).step(x, y) == pytest.approx(want)
+
+
+def _dropout_update(tmp_path, drop, shape, capture="export"):
+    """dW of a head reading dropout(ones): column j is db·keep_j/(1-p), so the update shows the
+    mask the graph drew. Returns (dW, db) of two steps."""
+    torch.manual_seed(0)
+    x = torch.ones((1,) + shape)
+    width = int(np.prod(shape))
+    model = nn.Sequential(drop, nn.Flatten(), nn.Linear(width, 2))
+    sal = salcompile.transform(model, (x.expand((2,) + shape),) if capture == "export" else None,
+                               areas=1)
+    path = tmp_path / f"drop_{capture}.onnx"
+    export_train_step(sal, (x.expand((2,) + shape),), path, optimizer="sgd", lr=1e-3)
+    sess = TrainStepSession(path, sal)   # the module itself gives the weights
+    out = []
+    for _ in range(2):
+        w0, b0 = sess.values["2.weight"].copy(), sess.values["2.bias"].copy()
+        sess.step(x, torch.tensor([1]))
+        out.append((w0 - sess.values["2.weight"], b0 - sess.values["2.bias"]))
+    return out
+
+
+@pytest.mark.parametrize("capture", ["export", "symbolic_trace"])
+def test_dropout_draws_fresh_masks_with_torchs_distribution(tmp_path, capture):
+    p, width = 0.3, 4000
+    steps = _dropout_update(tmp_path, nn.Dropout(p), (width,), capture)
+    masks = []
+    for dw, db in steps:
+        kept = np.abs(dw).sum(0) > 0
+        # P(drop) = p: within 5 standard deviations of p over 4000 units
+        assert abs((1 - kept.mean()) - p) < 5 * np.sqrt(p * (1 - p) / width)
+        np.testing.assert_allclose(dw[:, kept], np.repeat(db[:, None] / (1 - p), kept.sum(), 1),
+                                   rtol=1e-5, atol=1e-7)   # kept units scaled by 1/(1-p)
+        masks.append(kept)
+    assert (masks[0] != masks[1]).any()   # a fresh mask every step
+
+
+def test_channel_dropout_drops_whole_channels(tmp_path):
+    p, channels = 0.5, 400
+    (dw, _), _ = _dropout_update(tmp_path, nn.Dropout2d(p), (channels, 2, 2))
+    kept = (np.abs(dw).sum(0) > 0).reshape(channels, 4)
+    assert (kept.all(1) | ~kept.any(1)).all()   # per channel: all four kept or all dropped
+    assert abs((1 - kept[:, 0].mean()) - p) < 5 * np.sqrt(p * (1 - p) / channels)
+
+
+def test_alpha_dropout_is_refused_by_name(tmp_path):
+    x = torch.randn(4, 8)
+    sal = salcompile.transform(nn.Sequential(nn.AlphaDropout(0.2), nn.Linear(8, 2)), (x,),
+                               areas=1)
+    with pytest.raises(SalcompileError, match="dropout .*not supported"):
+        export_train_step(sal, (x,), tmp_path / "a.onnx")
+
+
+def test_session_takes_the_archive_for_its_weights(tmp_path):
+    sal, x = _mlp(areas=1)
+    salcompile.save(sal, (x,), tmp_path / "m.pt2")
+    export_train_step(sal, (x,), tmp_path / "s.onnx", optimizer="sgd", lr=0.1)
+    y = torch.randint(0, 4, (6,))
+    a = TrainStepSession(tmp_path / "s.onnx", tmp_path / "m.pt2").step(x, y)
+    b = TrainStepSession(tmp_path / "s.onnx", sal.state_dict()).step(x, y)
+    assert a == pytest.approx(b, rel=1e-6)

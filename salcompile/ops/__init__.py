@@ -3,4 +3,4 @@
 Importing this package registers them; `import salcompile` does so, which is what a reloaded
 export archive needs to run (and to keep training with FA, not backprop).
 """
-from . import dfa, fa, gate, areas, finite, compact  # noqa: F401  (registration side effects)
+from . import dfa, fa, gate, areas, finite, compact, autocast  # noqa: F401  (registration side effects)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fa import _TINY, _fresh
+from .fa import _TINY, _fresh, kp_grad
 
 MODES = ("partition", "replicate", "dense")
 
@@ -314,19 +314,21 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _needs(ctx):
-    need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
-    return need_x, need_w, need_b and ctx.has_bias
+    """(dx, dW, db, d feedback) needed; a trainable feedback (Kolen-Pollack) gets dW's copy."""
+    need_x, _, _, need_w, need_b, need_fb = ctx.needs_input_grad[:6]
+    return need_x, need_w, need_b and ctx.has_bias, need_fb
 
 
 def _linear_backward(ctx, grad):
     x, area, anchor, weight, feedback = ctx.saved_tensors
-    need_x, need_w, need_b = _needs(ctx)
+    need_x, need_w, need_b, need_fb = _needs(ctx)
     gx = gw = gb = None
-    if need_x or need_w or need_b:
+    if need_x or need_w or need_b or need_fb:
         gx, gw, gb = torch.ops.salcompile.area_linear_backward(
-            grad, x, area, weight, feedback, ctx.has_bias, *ctx.params, need_x, need_w, need_b)
+            grad, x, area, weight, feedback, ctx.has_bias, *ctx.params, need_x, need_w or need_fb,
+            need_b)
     return (gx if need_x else None, None, torch.zeros_like(anchor), gw if need_w else None,
-            gb if need_b else None, None, None, None, None, None)
+            gb if need_b else None, kp_grad(need_fb, gw), None, None, None, None)
 
 
 area_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -434,13 +436,14 @@ def _conv_setup(ctx, inputs, output):
 
 def _conv_backward(ctx, grad):
     x, area, anchor, weight, feedback = ctx.saved_tensors
-    need_x, need_w, need_b = _needs(ctx)
+    need_x, need_w, need_b, need_fb = _needs(ctx)
     gx = gw = gb = None
-    if need_x or need_w or need_b:
+    if need_x or need_w or need_b or need_fb:
         gx, gw, gb = torch.ops.salcompile.area_conv_backward(
-            grad.contiguous(), x, area, weight, feedback, *ctx.params, need_x, need_w, need_b)
+            grad.contiguous(), x, area, weight, feedback, *ctx.params, need_x, need_w or need_fb,
+            need_b)
     return (gx if need_x else None, None, torch.zeros_like(anchor), gw if need_w else None,
-            gb if need_b else None) + (None,) * 9
+            gb if need_b else None, kp_grad(need_fb, gw)) + (None,) * 8
 
 
 area_conv.register_autograd(_conv_backward, setup_context=_conv_setup)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .areas import _bias_shape, check_mode
-from .fa import _TINY, _fresh
+from .fa import _TINY, _fresh, kp_grad
 
 # Tests set this to exercise the per-area loop on dtypes grouped_mm would take.
 FORCE_LOOP = False
@@ -357,15 +357,15 @@ def _compact_setup(ctx, inputs, output):
 
 def _compact_backward(ctx, grad):
     x, area, anchor, weight, feedback, offs = ctx.saved_tensors
-    need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
+    need_x, _, _, need_w, need_b, need_fb = ctx.needs_input_grad[:6]
     need_b = need_b and ctx.has_bias
     gx = gw = gb = None
-    if need_x or need_w or need_b:
+    if need_x or need_w or need_b or need_fb:
         gx, gw, gb = torch.ops.salcompile.compact_linear_backward(
-            grad, x, area, offs, weight, feedback, ctx.has_bias, *ctx.params, need_x, need_w,
-            need_b)
+            grad, x, area, offs, weight, feedback, ctx.has_bias, *ctx.params, need_x,
+            need_w or need_fb, need_b)
     return (gx if need_x else None, None, torch.zeros_like(anchor), gw if need_w else None,
-            gb if need_b else None, None, None, None, None, None, None)
+            gb if need_b else None, kp_grad(need_fb, gw), None, None, None, None, None)
 
 
 compact_linear.register_autograd(_compact_backward, setup_context=_compact_setup)

@@ -4,6 +4,8 @@ Every op takes the weight operand `weight` and a feedback tensor `feedback` of t
 The weight gradient never reads the weight's values (the ops are bilinear), so dW and db are
 exactly backprop's; only dX changes: it is computed with B where backprop would use W.
 With `match_norm`, B is rescaled to ||W|| at every step (SALConfig.feedback_scale="match").
+A `feedback` that requires grad (Kolen-Pollack's trainable B) receives the layer's dW as its
+gradient; a fixed B (a buffer, or a detached derived operand) receives nothing.
 """
 from __future__ import annotations
 
@@ -20,6 +22,12 @@ def _fresh(t: Tensor) -> Tensor:
     """A custom op's output must not be a view (of the op's own temporary): an in-place op after
     it, such as nn.ReLU(inplace=True), would fail in autograd. detach() drops the view link only."""
     return t.detach() if t._is_view() else t
+
+
+def kp_grad(needs: bool, grad_weight: Optional[Tensor]) -> Optional[Tensor]:
+    """The gradient a trainable feedback tensor receives: the layer's own dW (Kolen-Pollack), as a
+    copy, so that B.grad and W.grad never alias (an in-place clip of one would scale both)."""
+    return grad_weight.clone() if needs and grad_weight is not None else None
 
 
 def rescale(grad_input: Tensor, feedback: Tensor, weight: Tensor, match_norm: bool) -> Tensor:
@@ -52,17 +60,17 @@ def _linear_setup(ctx, inputs, output):
 
 def _linear_backward(ctx, grad):
     x, weight, feedback = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
     gx = gw = gb = None
     if need_x:
         gx = rescale(grad.matmul(feedback), feedback, weight, ctx.match_norm)
-    if need_w or need_b:
+    if need_w or need_b or need_fb:
         g2 = grad.reshape(-1, grad.shape[-1])
-        if need_w:
+        if need_w or need_fb:
             gw = g2.t().matmul(x.reshape(-1, x.shape[-1]))
         if need_b and ctx.has_bias:
             gb = g2.sum(0)
-    return gx, gw, gb, None, None
+    return gx, gw if need_w else None, gb, kp_grad(need_fb, gw), None
 
 
 fa_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -112,7 +120,7 @@ def _conv_setup(ctx, inputs, output):
 def _conv_backward(ctx, grad):
     x, weight, feedback = ctx.saved_tensors
     stride, padding, dilation, transposed, output_padding, groups = ctx.params
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
     unbatched = _is_unbatched(x, stride)
     if unbatched:
         x, grad = x.unsqueeze(0), grad.unsqueeze(0)
@@ -121,10 +129,11 @@ def _conv_backward(ctx, grad):
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad.contiguous(), x, feedback, [out_channels],
         stride, padding, dilation, transposed, output_padding, groups,
-        [need_x, need_w, need_b and ctx.has_bias])
+        [need_x, need_w or need_fb, need_b and ctx.has_bias])
     if gx is not None:
         gx = rescale(gx.squeeze(0) if unbatched else gx, feedback, weight, ctx.match_norm)
-    return gx, gw, gb if ctx.has_bias else None, None, None, None, None, None, None, None, None
+    return (gx, gw if need_w else None, gb if ctx.has_bias else None, kp_grad(need_fb, gw),
+            None, None, None, None, None, None, None)
 
 
 fa_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -151,7 +160,8 @@ def _matmul_setup(ctx, inputs, output):
 
 def _matmul_backward(ctx, grad):
     x, weight, feedback = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[:2]
+    need_x, need_w, need_fb = ctx.needs_input_grad[:3]
+    need_gw = need_w or need_fb
     # Give a 1-D activation its matrix form (torch.matmul's own promotion rule).
     x2, g2 = x, grad
     if x.dim() == 1:
@@ -161,19 +171,19 @@ def _matmul_backward(ctx, grad):
     if ctx.weight_first:  # y = W x
         if need_x:
             gx = feedback.mT.matmul(g2).sum_to_size(x2.shape).reshape(x.shape)
-        if need_w:
+        if need_gw:
             gw = g2.matmul(x2.mT).sum_to_size(weight.shape)
     else:  # y = x W
         if need_x:
             gx = g2.matmul(feedback.mT).sum_to_size(x2.shape).reshape(x.shape)
-        if need_w:
+        if need_gw:
             if weight.dim() == 2:
                 gw = x2.reshape(-1, x2.shape[-1]).t().matmul(g2.reshape(-1, g2.shape[-1]))
             else:
                 gw = x2.mT.matmul(g2).sum_to_size(weight.shape)
     if gx is not None:
         gx = rescale(gx, feedback, weight, ctx.match_norm)
-    return gx, gw, None, None, None
+    return gx, gw if need_w else None, kp_grad(need_fb, gw), None, None
 
 
 fa_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
@@ -231,14 +241,14 @@ def _einsum_setup(ctx, inputs, output):
 
 def _einsum_backward(ctx, grad):
     x, weight, feedback = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[1:3]
+    need_x, need_w, need_fb = ctx.needs_input_grad[1:4]
     t0, t1, out = parse_einsum(ctx.equation)
     xt, wt = (t1, t0) if ctx.weight_first else (t0, t1)
     gx = _einsum_vjp(out, grad, wt, feedback, xt, x.shape) if need_x else None
     if gx is not None:
         gx = rescale(gx, feedback, weight, ctx.match_norm)
-    gw = _einsum_vjp(out, grad, xt, x, wt, weight.shape) if need_w else None
-    return None, gx, gw, None, None, None
+    gw = _einsum_vjp(out, grad, xt, x, wt, weight.shape) if need_w or need_fb else None
+    return None, gx, gw if need_w else None, kp_grad(need_fb, gw), None, None
 
 
 fa_einsum.register_autograd(_einsum_backward, setup_context=_einsum_setup)
@@ -298,7 +308,8 @@ def _grouped_backward(ctx, grad):
     x, weight, offs, feedback = ctx.saved_tensors
     gx, gw = torch.ops.salcompile.fa_grouped_mm_backward(grad.contiguous(), x, weight, offs,
                                                          feedback, ctx.match_norm)
-    return gx, gw, None, None, None
+    need_w, _, need_fb = ctx.needs_input_grad[1:4]
+    return gx, gw if need_w else None, None, kp_grad(need_fb, gw), None
 
 
 fa_grouped_mm.register_autograd(_grouped_backward, setup_context=_grouped_setup)

@@ -18,6 +18,10 @@ group (`salcompile::global_route_counts`, an opaque op: torch.compile keeps the 
 its graphs) and returns world/N_global · Σ_own rows, so that DDP's average over the ranks is the
 gradient of one process on the concatenated batch. One process: the same numbers, bit for bit.
 `salcompile.distributed.sync_gates` chooses the group or turns this off.
+
+Top-k routing (SALConfig(route_top_k=k), our extension, not the paper's): `region_gate_topk`
+returns each row's k best areas [..., k], best first; the local rule's target is the k winners'
+mean one-hot, and f_k counts selections (each row k times). k=1 gives region_gate's numbers.
 """
 from __future__ import annotations
 
@@ -88,11 +92,14 @@ def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Te
     z = u / n
     k = prototypes.shape[0]
     p = torch.softmax(z.matmul(prototypes.t()) / temperature, dim=-1)
-    y = F.one_hot(area, k).to(p.dtype)
-    stats = global_route_counts(y.sum(0, dtype=torch.float64))  # [counts over the group, world]
+    hot = F.one_hot(area, k).to(p.dtype)   # [N, K], or [N, choices, K] under top-k routing
+    choices = hot.shape[1] if hot.dim() == 3 else 1
+    counts = hot.sum((0, 1) if hot.dim() == 3 else 0, dtype=torch.float64)   # selections
+    y = hot.sum(1) / choices if hot.dim() == 3 else hot
+    stats = global_route_counts(counts)  # [counts over the group, world]
     total = stats[:-1].sum().clamp_min(1)
     frac = (stats[:-1] / total).to(p.dtype)
-    rows = total / stats[-1]   # N_global / world (= N for one process)
+    rows = total / stats[-1] / choices   # N_global / world (= N for one process)
     # d/ds of CE (p - y) and of the balance term α·K·Σ_k f_k p_k (softmax Jacobian applied to f).
     gs = (p - y + balance_weight * k * p * (frac - (p * frac).sum(-1, keepdim=True))) / rows
     gz = gs.matmul(prototypes) / temperature
@@ -117,6 +124,44 @@ def _gate_backward(ctx, grad_area, grad_anchor):
 
 
 region_gate.register_autograd(_gate_backward, setup_context=_gate_setup)
+
+
+def route_topk(features: Tensor, proj: Tensor, prototypes: Tensor, k: int) -> Tensor:
+    z = F.normalize(features.to(proj.dtype).matmul(proj.t()), dim=-1, eps=_TINY)
+    return z.matmul(prototypes.t()).topk(k, dim=-1).indices
+
+
+@torch.library.custom_op("salcompile::region_gate_topk", mutates_args=())
+def region_gate_topk(features: Tensor, proj: Tensor, prototypes: Tensor, temperature: float,
+                     balance_weight: float, k: int) -> Tuple[Tensor, Tensor]:
+    """features [..., F] → (areas int64 [..., k], each row's k best, best first; anchor)."""
+    return route_topk(features, proj, prototypes, k), proj.new_zeros(())
+
+
+@region_gate_topk.register_fake
+def _(features, proj, prototypes, temperature, balance_weight, k):
+    return (features.new_empty(features.shape[:-1] + (k,), dtype=torch.long),
+            proj.new_empty(()))
+
+
+def _topk_setup(ctx, inputs, output):
+    features, proj, prototypes, temperature, balance_weight, k = inputs
+    ctx.save_for_backward(features, proj, prototypes, output[0])
+    ctx.temperature, ctx.balance_weight = temperature, balance_weight
+
+
+def _topk_backward(ctx, grad_area, grad_anchor):
+    features, proj, prototypes, area = ctx.saved_tensors
+    gp = None
+    if ctx.needs_input_grad[1]:
+        rows = features.reshape(-1, features.shape[-1]).to(proj.dtype)
+        gp = local_rule_grad(rows, proj, prototypes.to(proj.dtype),
+                             area.reshape(-1, area.shape[-1]), ctx.temperature,
+                             ctx.balance_weight)
+    return None, gp, None, None, None, None
+
+
+region_gate_topk.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
 @torch.library.custom_op("salcompile::count_routes", mutates_args=("counts",))

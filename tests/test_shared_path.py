@@ -1,0 +1,153 @@
+"""A shared dense path beside the routed areas (SALConfig(shared_fraction=f)): f=0 is today's
+pure partition bit for bit, f=1 is dense FA, the fast ops equal the masked-dense references,
+rows train the shared weights whatever their area and only their own area's routed block, and
+the exporters give the torch gradients."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import salcompile
+from salcompile.errors import SalcompileError
+from salcompile.models import MLP
+from passes.split_shared_path import shared_width
+
+D = torch.float64
+
+
+def _build(dtype=D, **fields):
+    torch.manual_seed(0)
+    x = torch.randn(12, 6, dtype=dtype)
+    model = MLP(6, 32, 3, depth=3).to(dtype)
+    return salcompile.transform(model, (x,), **fields), model, x, torch.randint(0, 3, (12,))
+
+
+def _run(sal, x, y):
+    sal.zero_grad()
+    out = sal(x)
+    F.cross_entropy(out, y).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in sal.named_parameters()
+                          if p.grad is not None}
+
+
+def test_shared_width():
+    assert shared_width(32, 4, 0) == 0 and shared_width(32, 4, 1.0) == 32
+    assert shared_width(32, 4, 0.5) == 16 and shared_width(30, 4, 0.5) == 14   # rest: 4 blocks
+    assert shared_width(32, 1, 0.5) == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "half"])
+def test_bad_fraction_is_a_clear_error(bad):
+    with pytest.raises(SalcompileError, match="shared_fraction"):
+        salcompile.SALConfig(shared_fraction=bad)
+
+
+def test_fraction_zero_is_the_pure_partition_bit_for_bit():
+    a, _, x, y = _build(areas=4)
+    b, _, _, _ = _build(areas=4, shared_fraction=0.0)
+    oa, ga = _run(a, x, y)
+    ob, gb = _run(b, x, y)
+    assert torch.equal(oa, ob) and ga.keys() == gb.keys()
+    assert all(torch.equal(ga[n], gb[n]) for n in ga)
+
+
+def test_fraction_one_is_dense_fa():
+    s, _, x, y = _build(areas=4, shared_fraction=1.0)
+    d, _, _, _ = _build(areas=1)
+    os_, gs = _run(s, x, y)
+    od, gd = _run(d, x, y)
+    torch.testing.assert_close(os_, od, rtol=0, atol=1e-12)
+    for n, g in gd.items():
+        torch.testing.assert_close(gs[n], g, rtol=0, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("rule", ["fa", "bp", "usf", "kp", "dfa"])
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_fast_equals_the_masked_dense_reference(rule, fraction):
+    fast, _, x, y = _build(areas=4, shared_fraction=fraction, feedback=rule)
+    ref, _, _, _ = _build(areas=4, shared_fraction=fraction, feedback=rule, area_impl="reference")
+    of, gf = _run(fast, x, y)
+    orf, gr = _run(ref, x, y)
+    torch.testing.assert_close(of, orf, rtol=1e-10, atol=1e-12)
+    assert gf.keys() == gr.keys()
+    for n in gf:
+        torch.testing.assert_close(gf[n], gr[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_rows_train_the_shared_weights_and_only_their_own_routed_block():
+    sal, _, x, y = _build(areas=4, shared_fraction=0.5)
+    entry = sal.sal_plan.layers[1]   # a middle layer: shared and routed, in and out
+    assert (entry.shared, entry.shared_in) == (16, 16) and len(entry.parts) == 4
+    assert "shared 16 out, 16 in" in str(sal.sal_plan)
+    from salcompile.ops.gate import route   # train on the rows of one area only
+    gate = sal.get_submodule("sal_gates.gate_0")
+    z = route(x.flatten(1), gate.proj, gate.prototypes)
+    k = int(z[0])
+    rows = z == k
+    _, g = _run(sal, x[rows], y[rows])
+    w = g["layers.1.weight"]
+    assert w[:16].abs().sum() > 0                           # the shared outputs learn
+    blk = slice(16 + 4 * k, 16 + 4 * (k + 1))
+    assert w[blk].abs().sum() > 0                           # this area's routed block learns
+    others = torch.ones(32, dtype=torch.bool)
+    others[:16], others[blk] = False, False
+    assert torch.equal(w[others], torch.zeros_like(w[others]))   # no other area's block
+    routed_in = [c for c in range(16, 32) if not 16 + 4 * k <= c < 16 + 4 * (k + 1)]
+    assert torch.equal(w[:, routed_in], torch.zeros_like(w[:, routed_in]))
+
+
+def test_input_block_gain_scales_only_the_routed_input_columns():
+    sal, model, _, _ = _build(areas=4, shared_fraction=0.5)
+    w0 = model.get_parameter("layers.1.weight")
+    w = sal.get_parameter("layers.1.weight")
+    torch.testing.assert_close(w[:, :16], w0[:, :16], rtol=0, atol=0)
+    torch.testing.assert_close(w[:, 16:], w0[:, 16:] * 2.0, rtol=1e-15, atol=0)   # sqrt(K=4)
+
+
+def test_conv_layers_keep_the_pure_partition_with_a_note():
+    from conftest import BNCNN
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6)
+    sal = salcompile.transform(BNCNN(), (x,), areas=2, shared_fraction=0.5)
+    assert any("keep the pure partition" in n for n in sal.sal_plan.notes)
+    sal(x).sum().backward()
+
+
+def test_exports_give_the_torch_gradients(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    sal, _, x, y = _build(dtype=torch.float32, areas=4, shared_fraction=0.5)
+    _, want = _run(sal, x, y)
+    salcompile.export_onnx(sal, (x,), tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    sal.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0],
+                                   sal(x).numpy(), rtol=1e-5, atol=1e-6)
+    sal.train()
+    api = pytest.importorskip("onnxruntime.training.api")
+    salcompile.export_ort_training(sal, (x,), tmp_path / "art")
+    state = api.CheckpointState.load_checkpoint(str(tmp_path / "art" / "checkpoint"))
+    module = api.Module(str(tmp_path / "art" / "training_model.onnx"), state,
+                        str(tmp_path / "art" / "eval_model.onnx"))
+    module.train()
+    module(x.numpy(), y.numpy())
+    for n, p in state.parameters:
+        np.testing.assert_allclose(np.array(p.grad), want[n].numpy(), rtol=1e-4, atol=1e-6,
+                                   err_msg=n)
+
+
+def test_save_load_and_compile(tmp_path):
+    sal, _, x, y = _build(dtype=torch.float32, areas=4, shared_fraction=0.5)
+    _, want = _run(sal, x, y)
+    salcompile.save(sal, (x,), tmp_path / "m.pt2")
+    loaded = salcompile.load(tmp_path / "m.pt2")
+    _, got = _run(loaded, x, y)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)
+    torch._dynamo.reset()
+    compiled = salcompile.compile(sal)
+    sal.zero_grad()
+    F.cross_entropy(compiled(x), y).backward()
+    for n, p in sal.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
