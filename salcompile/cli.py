@@ -15,6 +15,7 @@ from .config import (AREA_IMPLS, AREA_MODES, FEEDBACK_INITS, FEEDBACK_MODES, FEE
                      ROUTE_BY, BLOCK_GAINS, ON_BACKPROP, SALConfig)
 from .errors import SalcompileError
 from .training import OPTIMIZERS, Recipe
+from . import feedback as feedback_rules
 from . import files
 from . import model_source as ms
 
@@ -238,10 +239,8 @@ def config_args(p: argparse.ArgumentParser) -> None:
     d = SALConfig()
     g = p.add_argument_group("SAL options (salcompile.SALConfig)")
     g.add_argument("--feedback", choices=FEEDBACK_MODES, default=d.feedback,
-                   help="the learning rule: fa (fixed random feedback B in place of W), dfa "
-                        "(direct feedback alignment: the output error sent to every layer), bp "
-                        "(ordinary backprop, the baseline); the others are described in "
-                        "help(salcompile.SALConfig)")
+                   help="the learning rule: " + "; ".join(
+                       f"{n} ({feedback_rules.get(n).summary})" for n in FEEDBACK_MODES))
     g.add_argument("--feedback-init", choices=FEEDBACK_INITS, default=d.feedback_init,
                    help="how B is drawn: kaiming_uniform (like nn.Linear's init) or weights "
                         "(B = W: FA then equals backprop, a check)")
@@ -279,6 +278,12 @@ def config_args(p: argparse.ArgumentParser) -> None:
                         "activations from shrinking with depth)")
     g.add_argument("--check-finite", action="store_true",
                    help="raise at the first NaN/inf in a layer's output or gradient, naming it")
+    g.add_argument("--route-top-k", type=int, default=d.route_top_k,
+                   help="areas each row uses and updates (1: the paper's mutually exclusive "
+                        "areas; more: our top-k extension)")
+    g.add_argument("--shared-fraction", type=float, default=d.shared_fraction,
+                   help="share of each gated partition layer's outputs that every row computes "
+                        "(a shared dense path beside the areas; 0: pure partition)")
     g.add_argument("--on-backprop", choices=ON_BACKPROP, default=d.on_backprop,
                    help="a layer salcompile cannot rewrite stays on backprop with a warning (warn) "
                         "or makes the conversion fail (error)")
@@ -287,7 +292,8 @@ def config_args(p: argparse.ArgumentParser) -> None:
 _CONFIG_DESTS = ("feedback", "feedback_init", "feedback_scale", "feedback_seed", "areas",
                  "area_mode", "route_by", "route_dim", "gate_layers", "routing_seed",
                  "balance_weight", "temperature", "area_impl", "fuse_regions",
-                 "input_block_gain", "check_finite", "on_backprop")
+                 "input_block_gain", "check_finite", "route_top_k", "shared_fraction",
+                 "on_backprop")
 
 
 def config_from(args) -> SALConfig:
@@ -301,7 +307,8 @@ def config_from(args) -> SALConfig:
                          routing_seed=args.routing_seed, balance_weight=args.balance_weight,
                          temperature=args.temperature, area_impl=args.area_impl,
                          fuse_regions=args.fuse_regions, input_block_gain=args.input_block_gain,
-                         check_finite=args.check_finite, on_backprop=args.on_backprop)
+                         check_finite=args.check_finite, route_top_k=args.route_top_k,
+                         shared_fraction=args.shared_fraction, on_backprop=args.on_backprop)
     except SalcompileError as exc:
         raise SalcompileError(cli_wording(str(exc))) from exc
 
