@@ -350,3 +350,21 @@ def test_train_step_export_equals_torch_sgd(tmp_path, rule):
     for n, p in ref.named_parameters():
         np.testing.assert_allclose(np.asarray(trained[n]), p.detach().numpy(), rtol=1e-4,
                                    atol=1e-6, err_msg=n)
+
+
+def test_layer_ops_pass_opcheck_with_a_trainable_feedback():
+    """Kolen-Pollack's B requires grad: the ops' autograd registration covers that input."""
+    from torch.library import opcheck
+    s = torch.ops.salcompile
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, dtype=D, requires_grad=True)
+    w = torch.randn(3, 5, dtype=D, requires_grad=True)
+    b = torch.randn(3, 5, dtype=D, requires_grad=True)
+    opcheck(s.fa_linear.default, (x, w, None, b, True))
+    opcheck(s.fa_matmul.default, (x, w.t().detach().requires_grad_(), b.t().detach()
+                                  .requires_grad_(), False, False))
+    opcheck(s.fa_einsum.default, ("bi,oi->bo", x, w, b, False, True))
+    xc = torch.randn(2, 2, 6, dtype=D, requires_grad=True)
+    wc = torch.randn(3, 2, 3, dtype=D, requires_grad=True)
+    opcheck(s.fa_conv.default, (xc, wc, None, torch.randn_like(wc).requires_grad_(), [1], [1],
+                                [1], False, [0], 1, True))

@@ -137,3 +137,17 @@ def test_training_exporters_refuse_top_k_and_say_what_to_do(tmp_path):
     sal, x, _ = _build(dtype=torch.float32, route_top_k=2)
     with pytest.raises(SalcompileError, match="route_top_k=2"):
         salcompile.export_train_step(sal, (x,), tmp_path / "s.onnx")
+
+
+def test_region_gate_topk_passes_opcheck():
+    from torch.library import opcheck
+    torch.manual_seed(0)
+    feats, proj = torch.randn(7, 5, dtype=D), torch.randn(3, 5, dtype=D, requires_grad=True)
+    protos = F.normalize(torch.randn(K, 3, dtype=D), dim=-1)
+    # as region_gate: opcheck's AOT-dispatch check builds a float cotangent for the integer
+    # areas output (an opcheck limitation, region_gate fails it the same way); the others run
+    opcheck(torch.ops.salcompile.region_gate_topk.default, (feats, proj, protos, 0.1, 0.5, 2),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    area, _ = torch.ops.salcompile.region_gate_topk(feats, proj, protos, 0.1, 0.5, 1)
+    top1, _ = torch.ops.salcompile.region_gate(feats, proj, protos, 0.1, 0.5)
+    assert torch.equal(area[:, 0], top1)

@@ -108,9 +108,10 @@ def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Te
 
 
 def _gate_setup(ctx, inputs, output):
-    features, proj, prototypes, temperature, balance_weight = inputs
+    features, proj, prototypes, temperature, balance_weight = inputs[:5]
     ctx.save_for_backward(features, proj, prototypes, output[0])
     ctx.temperature, ctx.balance_weight = temperature, balance_weight
+    ctx.top_k, ctx.n_inputs = len(inputs) == 6, len(inputs)   # region_gate_topk: one more
 
 
 def _gate_backward(ctx, grad_area, grad_anchor):
@@ -118,9 +119,10 @@ def _gate_backward(ctx, grad_area, grad_anchor):
     gp = None
     if ctx.needs_input_grad[1]:
         rows = features.reshape(-1, features.shape[-1]).to(proj.dtype)
-        gp = local_rule_grad(rows, proj, prototypes.to(proj.dtype), area.reshape(-1),
-                             ctx.temperature, ctx.balance_weight)
-    return None, gp, None, None, None
+        area = area.reshape(-1, area.shape[-1]) if ctx.top_k else area.reshape(-1)
+        gp = local_rule_grad(rows, proj, prototypes.to(proj.dtype), area, ctx.temperature,
+                             ctx.balance_weight)
+    return (None, gp) + (None,) * (ctx.n_inputs - 2)
 
 
 region_gate.register_autograd(_gate_backward, setup_context=_gate_setup)
@@ -144,24 +146,7 @@ def _(features, proj, prototypes, temperature, balance_weight, k):
             proj.new_empty(()))
 
 
-def _topk_setup(ctx, inputs, output):
-    features, proj, prototypes, temperature, balance_weight, k = inputs
-    ctx.save_for_backward(features, proj, prototypes, output[0])
-    ctx.temperature, ctx.balance_weight = temperature, balance_weight
-
-
-def _topk_backward(ctx, grad_area, grad_anchor):
-    features, proj, prototypes, area = ctx.saved_tensors
-    gp = None
-    if ctx.needs_input_grad[1]:
-        rows = features.reshape(-1, features.shape[-1]).to(proj.dtype)
-        gp = local_rule_grad(rows, proj, prototypes.to(proj.dtype),
-                             area.reshape(-1, area.shape[-1]), ctx.temperature,
-                             ctx.balance_weight)
-    return None, gp, None, None, None, None
-
-
-region_gate_topk.register_autograd(_topk_backward, setup_context=_topk_setup)
+region_gate_topk.register_autograd(_gate_backward, setup_context=_gate_setup)
 
 
 @torch.library.custom_op("salcompile::count_routes", mutates_args=("counts",))
