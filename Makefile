@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(PY) benchmarks/paper_table2.py --reduced
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -p no:cacheprovider   # -q comes from pyproject's addopts (twice hides "N passed")
 
 clean:
 	rm -rf $(VENV) build *.egg-info

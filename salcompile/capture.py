@@ -207,13 +207,18 @@ class _NoSpecialisationNotice(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_specialisation_notice():
+    """Also torch's fake-tensor traceback (logged before the exception it raises, which capture
+    turns into a SalcompileError): the user sees one clean message, not two."""
     log = logging.getLogger("torch._export.non_strict_utils")
-    f = _NoSpecialisationNotice()
+    fake = logging.getLogger("torch._subclasses.fake_tensor")
+    f, level = _NoSpecialisationNotice(), fake.level
     log.addFilter(f)
+    fake.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
         log.removeFilter(f)
+        fake.setLevel(level)
 
 
 def _symbols(sizes) -> set:

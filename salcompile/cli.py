@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -14,7 +16,7 @@ import torch
 from .config import (AREA_IMPLS, AREA_MODES, FEEDBACK_INITS, FEEDBACK_MODES, FEEDBACK_SCALES,
                      ROUTE_BY, BLOCK_GAINS, ON_BACKPROP, SALConfig)
 from .errors import SalcompileError
-from .training import OPTIMIZERS, Recipe
+from .training import DEVICES, OPTIMIZERS, PRECISIONS, Recipe
 from . import feedback as feedback_rules
 from . import files
 from . import model_source as ms
@@ -39,8 +41,13 @@ def _zoo_names() -> str:
 
 
 def _dataset_names() -> str:
-    from .data import DATASETS
-    return ", ".join(DATASETS)
+    from .data import DATASETS, LM_DATASETS
+    return ", ".join([*DATASETS, *LM_DATASETS])
+
+
+def _data_formats() -> str:
+    from .data import FILE_FORMATS
+    return "; ".join(f"{k}: {v}" for k, v in FILE_FORMATS.items()).replace("%", "%%")
 
 
 def _positive_int(text: str) -> int:
@@ -199,7 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="ARCHIVE",
                    help="continue training an archive written by train -o / convert (its plan "
                         "and weights; the optimizer starts afresh, SAL options are ignored)")
-    t.add_argument("--data", required=True, help=f"dataset name: {_dataset_names()}")
+    t.add_argument("--data", required=True, metavar="NAME|FILE",
+                   help=f"a bundled dataset ({_dataset_names()}; tokens: a synthetic LM set for "
+                        f"gpt) or your own file or folder: {_data_formats()}")
     t.add_argument("--data-dir", help="directory holding MNIST IDX / CIFAR binary files")
     t.add_argument("--grayscale", action="store_true", help="turn colour images to grayscale")
     t.add_argument("--flatten", action="store_true",
@@ -229,6 +238,12 @@ def _parser() -> argparse.ArgumentParser:
                         "it; --resume continues it); one seed only")
     t.add_argument("--force", action="store_true", help="overwrite -o if it exists")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where to train: cpu, cuda (an error without a GPU), auto (cuda when "
+                        "torch sees one); the saved archive is always written on the CPU")
+    t.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="bf16: torch.autocast(bfloat16) around the forward and the loss "
+                        "(parameters, gradients and optimizer state stay float32)")
     common(t)
     config_args(t)
     return ap
@@ -316,7 +331,8 @@ def config_from(args) -> SALConfig:
 def cli_wording(msg: str) -> str:
     """A Python-API message in command-line terms: `SALConfig: areas (K) must ...` ->
     `--areas (K) must ...`, `gate_layers=[...]` -> `--gate-layers [...]`."""
-    fields = _CONFIG_DESTS + ("lr", "batch", "epochs", "momentum", "weight_decay", "optimizer")
+    fields = _CONFIG_DESTS + ("lr", "batch", "epochs", "momentum", "weight_decay", "optimizer",
+                              "device", "precision")
     flag = {f: "--" + f.replace("_", "-") for f in fields}
     msg = re.sub(r"^(?:SALConfig|Recipe): (\w+)",
                  lambda m: flag.get(m.group(1), m.group(0)), msg)
@@ -330,6 +346,21 @@ def cli_wording(msg: str) -> str:
 
 def _note(text: str) -> None:
     print(f"salcompile: warning: {text}", file=sys.stderr)
+
+
+# what the exports take on a 2-core CPU: a few seconds for an MLP, the upper end for a CNN or
+# a small transformer (issue 15's MNIST CNN / token classifier)
+_TAKES = {"onnx": "5-40 s", "ort-training": "10-60 s", "train-step": "20-100 s"}
+
+
+@contextlib.contextmanager
+def _progress(what: str, kind: str):
+    """`salcompile: exporting ... (this takes ~N s)` on stderr before a long step, and the time
+    it took after (the CLI only; the Python API stays quiet)."""
+    print(f"salcompile: {what} (this takes {_TAKES[kind]})...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    yield
+    print(f"salcompile: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def _set_threads(args) -> None:
@@ -550,19 +581,25 @@ def _export(args) -> int:
         example = _retype(example, args, sal)
     if args.to == "onnx":
         from .onnx_export import export_onnx
-        export_onnx(sal, example, args.output, opset=args.opset, force=args.force)
+        with _progress(f"exporting {args.input} to ONNX", "onnx"):
+            export_onnx(sal, example, args.output, opset=args.opset, force=args.force)
         print(f"wrote {args.output}  (onnxruntime.InferenceSession({str(args.output)!r}))")
     elif args.to == "ort-training":
         from .ort_training import export_ort_training
-        export_ort_training(sal, example, args.output, loss=args.loss, optimizer=args.optimizer,
-                            force=args.force)
+        with _progress(f"exporting {args.input} to ONNX Runtime training artifacts",
+                       "ort-training"):
+            export_ort_training(sal, example, args.output, loss=args.loss,
+                                optimizer=args.optimizer, force=args.force)
         print(f"wrote ONNX Runtime training artifacts to {args.output}  "
               "(onnxruntime.training.api: CheckpointState, Module, Optimizer)")
     else:
         from .train_step_export import export_train_step
-        export_train_step(sal, example, args.output, loss=args.loss, optimizer=args.optimizer,
-                          lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
-                          force=args.force)
+        with _progress(f"exporting {args.input} as one ONNX train-step graph "
+                       "(forward, FA/DFA backward and the optimizer written out)", "train-step"):
+            export_train_step(sal, example, args.output, loss=args.loss,
+                              optimizer=args.optimizer, lr=args.lr,
+                              weight_decay=args.weight_decay, momentum=args.momentum,
+                              force=args.force)
         print(f"wrote {args.output}  (salcompile.TrainStepSession({str(args.output)!r}, ...) or "
               "any onnxruntime InferenceSession)")
     return 0
@@ -597,8 +634,12 @@ def _train(args) -> int:
         if not args.output:
             outputs = [Path(args.out) / ("model.sal.pt2" if args.seeds == 1
                                          else f"model.seed{s}.sal.pt2") for s in range(args.seeds)]
-    ds = datasets.load(args.data, data_dir=args.data_dir, grayscale=args.grayscale,
-                       flatten=args.flatten, limit=args.limit)
+    from .training import resolve_device
+    device = resolve_device(args.device)
+    model_kwargs = ms.parse_model_args(args.model_args)[1] if args.model else {}
+    ds = datasets.load_any(args.data, data_dir=args.data_dir, grayscale=args.grayscale,
+                           flatten=args.flatten, limit=args.limit,
+                           seq_len=model_kwargs.get("seq_len", 64))
     zoo = bool(args.model) and ms.is_zoo_name(args.model) and not args.resume
     if zoo:
         config = with_model_defaults(args.model, config)
@@ -624,9 +665,7 @@ def _train(args) -> int:
                 xtr, xte = xtr.flatten(1), xte.flatten(1)
         else:
             if zoo:
-                from .experiment import fit_model_to_data
-                kwargs = ms.parse_model_args(args.model_args)[1]
-                net, xtr, xte = fit_model_to_data(args.model, ds, **kwargs)
+                net, xtr, xte = _zoo_for_data(args.model, ds, model_kwargs)
             else:
                 net = ms.build_model(args.model, args.model_args)
             if args.weights:
@@ -647,7 +686,9 @@ def _train(args) -> int:
 
         records = fit(sal, (xtr, ds.y_train), (xte, ds.y_test), recipe, seed=seed,
                       alignment=not args.no_alignment, progress=not args.no_progress,
-                      desc=f"{label}/{args.data} seed {seed}", on_epoch=on_epoch)
+                      desc=f"{label}/{args.data} seed {seed}", on_epoch=on_epoch,
+                      device=device, precision=args.precision)
+        sal.to("cpu")   # archives are written (and reload) on the CPU
         result.runs.append(RunResult(seed, records, sum(p.numel() for p in sal.parameters())))
         if outputs:
             save(sal, (xtr[:2],), outputs[seed], force=True)
@@ -659,6 +700,34 @@ def _train(args) -> int:
         write_results(result, args.out)
         print(f"wrote {os.path.join(args.out, 'metrics.json')}, metrics.csv, learning_curve.png")
     return 0
+
+
+def _zoo_for_data(name: str, ds, kwargs: dict):
+    """(zoo model sized to the dataset, x_train, x_test): token data (an LM dataset) sizes a
+    token model's vocabulary and context; feature/image data goes through fit_model_to_data."""
+    from .experiment import fit_model_to_data
+    from .models import REGISTRY, build
+    tokens_in = not ds.x_train.is_floating_point()
+    takes_tokens = not REGISTRY[name].input_dtype.is_floating_point
+    if tokens_in != takes_tokens:
+        have = "token ids" if tokens_in else f"features {tuple(ds.x_train.shape[1:])}"
+        want = "token ids (a language model)" if takes_tokens else "float features or images"
+        fix = "--data tokens or a .txt file" if takes_tokens else \
+            "--model gpt, or your own class (--model file.py:Class)"
+        raise SalcompileError(f"--model {name} takes {want}; --data {ds.name} holds {have}. "
+                              f"Use {fix}.")
+    if not tokens_in:
+        return fit_model_to_data(name, ds, **kwargs)
+    lm = ds.y_train.dim() == 2
+    if not lm:
+        raise SalcompileError(f"--model {name} is a language model (next-token targets); --data "
+                              f"{ds.name} holds one class per sequence. Use your own sequence "
+                              "classifier (--model file.py:Class).")
+    kwargs = {"num_classes": ds.num_classes, "seq_len": ds.x_train.shape[1], **kwargs}
+    if kwargs["seq_len"] < ds.x_train.shape[1]:
+        raise SalcompileError(f"--model-args seq_len={kwargs['seq_len']} is shorter than the "
+                              f"data's sequences ({ds.x_train.shape[1]} tokens).")
+    return build(name, **kwargs), ds.x_train, ds.x_test
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -23,6 +23,7 @@ pixel/16, whatever ``flatten`` says. ``grayscale`` turns RGB images into 1-chann
 from __future__ import annotations
 
 import gzip
+import os
 import importlib
 import random
 from dataclasses import dataclass
@@ -353,3 +354,247 @@ _LOADERS: Dict[str, Callable[[object, int], Dataset]] = {
     "cifar100": _cifar_dataset("cifar100", ["train.bin"], "test.bin", 1, 100),
 }
 _TABULAR = ("iris", "wine", "breast_cancer")
+
+
+# ---------------------------------------------------------------------------------------------
+# your own data: load_file(path)
+
+FILE_FORMATS = {
+    ".npz": "numpy arrays x_train, y_train, x_test, y_test (np.savez; x any numeric shape "
+            "[N, ...], y integer class ids [N]); or x, y alone: seeded 80/20 split",
+    ".csv": "a header row, one column named `label` (integer class ids), every other column a "
+            "numeric feature; seeded 80/20 split, standardised",
+    "folder": "x_train.pt, y_train.pt, x_test.pt, y_test.pt, each torch.save(tensor)",
+    ".txt": "any UTF-8 text: a character language model (next-character targets) over windows "
+            "of seq_len characters; the first 90% of the text trains, the rest tests",
+}
+_SPLITS = ("x_train", "y_train", "x_test", "y_test")
+_FORMATS_TEXT = "; ".join(f"{k}: {v}" for k, v in FILE_FORMATS.items())
+
+
+def is_file_source(name: str) -> bool:
+    """Whether `--data name` names a file or folder rather than a bundled dataset."""
+    return name not in _LOADERS and (Path(name).suffix.lower() in FILE_FORMATS
+                                     or Path(name).is_dir() or os.sep in name)
+
+
+def load_file(path, *, split_seed: int = 0, flatten: bool = False, limit: Optional[int] = None,
+              label_column: str = "label", seq_len: int = 64) -> Dataset:
+    """Your own dataset from `path` (formats: ``FILE_FORMATS``): .npz, .csv, a folder of
+    tensors, or a .txt text (a character LM: x and y int64 [N, seq_len], y = x shifted by one,
+    ``num_classes`` = the vocabulary, ``Dataset.vocab`` the characters). Inputs become float32
+    unless they are integer (token ids stay int64); labels int64 >= 0. Every problem is a
+    SalcompileError naming the file and what it must hold."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SalcompileError(f"--data {path}: no such file or folder; give a bundled dataset "
+                              f"({', '.join(DATASETS)}) or a file: {_FORMATS_TEXT}.")
+    suffix = "folder" if p.is_dir() else p.suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise SalcompileError(f"--data {path}: unknown format {suffix!r}; use {_FORMATS_TEXT}.")
+    if suffix == ".txt":
+        ds = _text_lm(p, integer("seq_len", seq_len, "data.load_file", lo=1, hint="e.g. 64"))
+    else:
+        reader = {".npz": _read_npz, ".csv": lambda q: _read_csv(q, label_column),
+                  "folder": _read_folder}[suffix]
+        arrays = reader(p)
+        for k in list(arrays):
+            arrays[k] = _as_tensor(arrays[k], f"{p} {k}")
+        if "x_train" not in arrays:   # x, y: seeded split
+            _check_pair(p, "whole", arrays["x"], arrays["y"])
+            (xtr, ytr), (xte, yte) = _seeded_split(arrays["x"], arrays["y"], split_seed)
+        else:
+            xtr, ytr, xte, yte = (arrays[k] for k in _SPLITS)
+            _check_pair(p, "train", xtr, ytr)
+            xtr, ytr = _shuffled(xtr, ytr, split_seed)
+        ds = _checked(p, xtr, ytr, xte, yte)
+        if suffix == ".csv":
+            mean, std = ds.x_train.mean(0), ds.x_train.std(0, unbiased=False)
+            std = torch.where(std > 0, std, torch.ones_like(std))
+            ds.x_train, ds.x_test = (ds.x_train - mean) / std, (ds.x_test - mean) / std
+    if limit is not None:
+        limit = integer("limit", limit, "data.load_file", lo=1, hint="training samples to keep")
+        ds.x_train, ds.y_train = ds.x_train[:limit], ds.y_train[:limit]
+    if flatten and ds.x_train.is_floating_point():
+        ds.x_train, ds.x_test = ds.x_train.flatten(1), ds.x_test.flatten(1)
+    return ds
+
+
+def _as_tensor(a, what: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu()
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise SalcompileError(f"{what} holds {a.dtype} values; it must be numeric (float "
+                              "features or integer class ids).")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _read_npz(p: Path) -> dict:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except ValueError as exc:   # object arrays need pickle, which is never read
+        raise SalcompileError(f"{p}: {exc}; save plain numeric arrays (np.savez(path, "
+                              "x_train=..., ...)), pickled objects are not read.") from exc
+    except Exception as exc:
+        raise SalcompileError(f"{p} is not a readable .npz file ({type(exc).__name__}: {exc}); "
+                              "write it with np.savez(path, x_train=..., y_train=..., "
+                              "x_test=..., y_test=...).") from exc
+    return _pick_splits(p, arrays, "np.savez(path, x_train=..., y_train=..., x_test=..., "
+                                   "y_test=...)")
+
+
+def _pick_splits(p: Path, arrays: dict, how: str) -> dict:
+    if all(k in arrays for k in _SPLITS):
+        return {k: arrays[k] for k in _SPLITS}
+    if "x" in arrays and "y" in arrays:
+        return {"x": arrays["x"], "y": arrays["y"]}
+    raise SalcompileError(f"{p} holds {sorted(arrays) or 'nothing'}; it needs x_train, y_train, "
+                          f"x_test, y_test (or x and y, split 80/20 by seed): {how}.")
+
+
+def _read_csv(p: Path, label_column: str) -> dict:
+    try:
+        with open(p, newline="", encoding="utf-8") as f:
+            header = f.readline().strip().split(",")
+            table = np.loadtxt(f, delimiter=",", dtype=np.float64, ndmin=2)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise SalcompileError(f"{p}: cannot read it as a numeric CSV ({exc}); it needs a header "
+                              f"row, a `{label_column}` column and numeric values.") from exc
+    header = [h.strip().strip('"') for h in header]
+    if label_column not in header:
+        raise SalcompileError(f"{p} has no column named {label_column!r} (its header: "
+                              f"{', '.join(header)}); name the class-id column "
+                              f"{label_column!r}.")
+    if table.size == 0:
+        raise SalcompileError(f"{p} has a header but no rows.")
+    if table.shape[1] != len(header):
+        raise SalcompileError(f"{p}: the header names {len(header)} columns, the rows have "
+                              f"{table.shape[1]}.")
+    i = header.index(label_column)
+    y = table[:, i]
+    if not np.all(y == np.round(y)):
+        raise SalcompileError(f"{p}: column {label_column!r} must hold integer class ids, found "
+                              f"{y[y != np.round(y)][0]}.")
+    x = np.delete(table, i, axis=1).astype(np.float32)
+    return {"x": x, "y": y.astype(np.int64)}
+
+
+def _read_folder(p: Path) -> dict:
+    missing = [k for k in _SPLITS if not (p / f"{k}.pt").is_file()]
+    if missing:
+        raise SalcompileError(f"{p} lacks {', '.join(k + '.pt' for k in missing)}; a data folder "
+                              "holds x_train.pt, y_train.pt, x_test.pt, y_test.pt, each written "
+                              "with torch.save(tensor, path).")
+    out = {}
+    for k in _SPLITS:
+        try:
+            out[k] = torch.load(p / f"{k}.pt", map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise SalcompileError(f"{p / (k + '.pt')}: not a tensor saved with torch.save "
+                                  f"({type(exc).__name__}).") from exc
+        if not isinstance(out[k], torch.Tensor):
+            raise SalcompileError(f"{p / (k + '.pt')} holds a {type(out[k]).__name__}; save one "
+                                  "tensor: torch.save(tensor, path).")
+    return out
+
+
+def _check_pair(p: Path, name: str, x, y) -> None:
+    if x.dim() == 0 or y.dim() != 1 or len(x) != len(y):
+        raise SalcompileError(f"{p}: the {name} set has inputs {tuple(x.shape)} and labels "
+                              f"{tuple(y.shape)}; they need x [N, ...] and y [N] with the "
+                              "same N.")
+    if len(x) == 0:
+        raise SalcompileError(f"{p}: the {name} set is empty.")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise SalcompileError(f"{p}: {name} labels are {y.dtype}; they must be integer class "
+                              "ids (e.g. y.astype(np.int64)).")
+    if int(y.min()) < 0:
+        raise SalcompileError(f"{p}: {name} labels must be >= 0, found {int(y.min())}.")
+
+
+def _checked(p: Path, xtr, ytr, xte, yte) -> Dataset:
+    for name, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        _check_pair(p, name, x, y)
+    if tuple(xtr.shape[1:]) != tuple(xte.shape[1:]):
+        raise SalcompileError(f"{p}: train inputs are {tuple(xtr.shape[1:])} per sample, test "
+                              f"inputs {tuple(xte.shape[1:])}; they must match.")
+    tensor = lambda x: x.long() if not x.is_floating_point() and x.dtype != torch.uint8 \
+        else _to_float(x)   # noqa: E731  (integer inputs: token ids; uint8: image pixels)
+    xtr, xte = tensor(xtr), tensor(xte)
+    if xtr.is_floating_point() and not (torch.isfinite(xtr).all() and torch.isfinite(xte).all()):
+        raise SalcompileError(f"{p}: the inputs hold NaN or inf values; clean them first.")
+    ytr, yte = ytr.long(), yte.long()
+    classes = int(max(ytr.max(), yte.max())) + 1
+    return Dataset(p.name, xtr, ytr, xte, yte, classes)
+
+
+def _text_lm(p: Path, seq_len: int) -> Dataset:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SalcompileError(f"{p}: cannot read it as UTF-8 text ({exc}).") from exc
+    vocab = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+    cut = int(0.9 * len(ids))
+    if len(ids) - cut < seq_len + 1 or cut < seq_len + 1:
+        raise SalcompileError(f"{p} holds {len(ids)} characters: too short for windows of "
+                              f"{seq_len} characters (it needs at least {10 * (seq_len + 1)}); "
+                              "give a longer text or a smaller seq_len (--model-args "
+                              "'{\"seq_len\": 16}').")
+
+    def windows(part, stride):
+        starts = range(0, len(part) - seq_len, stride)
+        w = torch.stack([part[s:s + seq_len + 1] for s in starts])
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    xtr, ytr = windows(ids[:cut], max(1, seq_len // 2))
+    xte, yte = windows(ids[cut:], seq_len)
+    ds = Dataset(p.name, xtr, ytr, xte, yte, len(vocab))
+    ds.vocab = "".join(vocab)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# language-model data (token ids in, next-token targets out)
+
+LM_DATASETS: Dict[str, str] = {
+    "tokens": "synthetic token sequences for language models (the zoo's gpt): x_t = (a + b*t) "
+              "mod 16 with seeded random a, b per sequence; 2000/500 sequences of 32 tokens, "
+              "targets the next token (vocabulary 16)",
+}
+
+
+def synthetic_tokens(split_seed: int = 0, n_train: int = 2000, n_test: int = 500,
+                     seq_len: int = 32, vocab: int = 16) -> Dataset:
+    """The `tokens` LM dataset: arithmetic progressions mod `vocab`; from two tokens on, the next
+    one is determined, so a small LM can learn it (token accuracy near 100%)."""
+    g = torch.Generator().manual_seed(split_seed)
+    n = n_train + n_test
+    a = torch.randint(0, vocab, (n, 1), generator=g)
+    b = torch.randint(1, vocab, (n, 1), generator=g)
+    seq = (a + b * torch.arange(seq_len + 1)) % vocab
+    x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    return Dataset("tokens", x[:n_train], y[:n_train], x[n_train:], y[n_train:], vocab)
+
+
+def load_any(name: str, *, data_dir=None, split_seed: int = 0, flatten: bool = False,
+             grayscale: bool = False, limit: Optional[int] = None, seq_len: int = 64) -> Dataset:
+    """What `train --data NAME` reads: a bundled dataset (``DATASETS``), an LM dataset
+    (``LM_DATASETS``) or your own file or folder (``FILE_FORMATS``, via ``load_file``)."""
+    if isinstance(name, str) and name in LM_DATASETS:
+        ds = synthetic_tokens(split_seed)
+        if limit is not None:
+            ds.x_train, ds.y_train = ds.x_train[:limit], ds.y_train[:limit]
+        return ds
+    if isinstance(name, (str, os.PathLike)) and is_file_source(str(name)):
+        return load_file(name, split_seed=split_seed, flatten=flatten, limit=limit,
+                         seq_len=seq_len)
+    if isinstance(name, str) and name not in _LOADERS:
+        raise SalcompileError(f"unknown dataset {name!r}; valid names: "
+                              f"{', '.join([*DATASETS, *LM_DATASETS])}, or a file: "
+                              f"{_FORMATS_TEXT}.")
+    return load(name, data_dir=data_dir, split_seed=split_seed, flatten=flatten,
+                grayscale=grayscale, limit=limit)

@@ -65,23 +65,49 @@ def detect_format(path) -> str:
     with open(p, "rb") as f:
         head = f.read(2)
     if head[:1] == b"\x80":  # pickle protocol marker: legacy torch.save or plain pickle
-        return PICKLE
+        return STATE_DICT if _is_tensor_dict(p) else PICKLE
     raise SalcompileError(f"{p}: not a model file salcompile reads (expected a torch.export archive "
                           "from torch.export.save, or a torch.save'd state_dict).")
 
 
+# where training checkpoints keep the model's weights: {"model": state_dict, "epoch": 3, ...}
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+def _weights_of(obj):
+    """The state_dict inside what torch.load(weights_only=True) gave, or None."""
+    def tensors(d):
+        return isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values())
+    if tensors(obj):
+        return obj
+    if isinstance(obj, dict):
+        for key in CHECKPOINT_KEYS:
+            if tensors(obj.get(key)):
+                return obj[key]
+    return None
+
+
 def _is_tensor_dict(p: Path) -> bool:
+    """A state_dict, or a checkpoint dict holding one (zip or legacy torch.save format)."""
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         return False  # refused by the weights-only unpickler: it holds code objects
     except Exception as exc:
-        raise SalcompileError(f"{p}: cannot be read as a torch.save file ({exc}).") from exc
-    return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
+        raise SalcompileError(f"{p}: cannot be read as a torch.save file ({exc}); save it "
+                              "again with torch.save(model.state_dict(), path).") from exc
+    return _weights_of(obj) is not None
 
 
 def load_state_dict(path) -> Dict[str, torch.Tensor]:
-    return torch.load(_require_file(path), map_location="cpu", weights_only=True)
+    """The weights in a state_dict file or in a checkpoint dict ({"model": state_dict, ...})."""
+    obj = torch.load(_require_file(path), map_location="cpu", weights_only=True)
+    weights = _weights_of(obj)
+    if weights is None:
+        raise SalcompileError(f"{path}: holds no state_dict (a dict of tensors, or one under "
+                              f"{', '.join(repr(k) for k in CHECKPOINT_KEYS)}); save one with "
+                              "torch.save(model.state_dict(), path).")
+    return weights
 
 
 def load_pickled_module(path, trust_pickle: bool) -> torch.nn.Module:

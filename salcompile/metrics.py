@@ -109,6 +109,10 @@ def _scalar_loss(loss_fn: Callable) -> Callable:
 def gradient_alignment(module, loss_fn: Callable, *inputs) -> Dict[str, float]:
     """{weight name: angle(SAL update, backprop gradient) in degrees} on one batch.
 
+    Unit: degrees, in [0, 180]. 0° = the update is the true gradient's direction (backprop);
+    below 90° it still descends the loss; 90° = orthogonal (no first-order progress); above 90°
+    it ascends. NaN for a weight that received no gradient on this batch (e.g. no row routed to
+    it). Feedback alignment typically starts near 90° and falls as W aligns with B.
     `loss_fn(output) -> scalar`, e.g. `lambda out: F.cross_entropy(out, y)`. Randomness (dropout)
     is replayed with the same RNG state for both passes; routing statistics are left untouched.
     """

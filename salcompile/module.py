@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .config import SALConfig
+from .ops import fast
 from .errors import SalcompileError
 from .plan import Plan
 
@@ -18,7 +19,8 @@ class SALModule(fx.GraphModule):
 
     `sal_plan` and `sal_config` describe what was done. Its state_dict holds the original keys plus
     the feedback buffers (`<weight>_feedback`, `<weight>_dfa`); loading a state_dict of the
-    original model into it is allowed and keeps the feedback buffers as they are.
+    original model into it is allowed and keeps the feedback buffers as they are (in replicate
+    mode each original weight and bias is copied into every area's copy).
     """
 
     def __init__(self, root, graph: fx.Graph, plan: Plan, config: SALConfig, original_keys=()):
@@ -30,6 +32,7 @@ class SALModule(fx.GraphModule):
         self.meta["_user_preserved_attributes"] = {
             "sal_plan": plan, "sal_config": config, "sal_original_keys": self.sal_original_keys}
         self.register_load_state_dict_post_hook(_allow_missing_feedback)
+        self._register_load_state_dict_pre_hook(_copy_into_replicas, with_module=True)
 
     # Not traced itself (recursive=False: the module's forward still is): dynamo would guard this
     # frame on the type of `self`, a new class per GraphModule, and recompile for every module.
@@ -40,11 +43,22 @@ class SALModule(fx.GraphModule):
         if torch.compiler.is_compiling():
             return super().__call__(*args, **kwargs)
         try:
+            if _no_hooks(self) and fast.plain_eager():   # salcompile/ops/fast.py
+                return fast.eager_forward(self)(self, *args, **kwargs)
             return super().__call__(*args, **kwargs)
         except AssertionError as exc:   # torch.export's input guards (the `_guards_fn` node)
             if not str(exc).startswith("Guard failed:"):
                 raise
             raise SalcompileError(guard_message(self, str(exc), args, kwargs)) from exc
+
+
+def _no_hooks(module) -> bool:
+    """nn.Module.__call__ would call forward directly (its own fast path): no module hooks."""
+    m = torch.nn.modules.module
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
 
 
 def input_names(module) -> list:
@@ -126,6 +140,20 @@ def _input_size(module, name, dim, args, kwargs):
         return int(t.shape[dim]) if isinstance(t, torch.Tensor) and t.dim() > dim else None
     except Exception:   # a best-effort detail of an error message
         return None
+
+
+def _copy_into_replicas(module, state_dict, prefix, *args):
+    """Replicate mode holds K copies [K, *shape] of a gated layer's weight and bias: an original
+    model's [*shape] tensor is copied into each of them."""
+    if not any(l.area_mode == "replicate" for l in module.sal_plan.layers):
+        return
+    k = module.sal_config.areas
+    params = dict(module.named_parameters(remove_duplicate=False))
+    for key, value in list(state_dict.items()):
+        p = params.get(key[len(prefix):]) if key.startswith(prefix) else None
+        if isinstance(value, torch.Tensor) and p is not None and p.dim() == value.dim() + 1 \
+                and tuple(p.shape) == (k, *value.shape):
+            state_dict[key] = value.unsqueeze(0).expand(k, *value.shape)
 
 
 def _allow_missing_feedback(module, incompatible):

@@ -16,6 +16,9 @@ aten ops before the standard (dynamo) exporter runs:
     dropped.
 
 Parameter and buffer names are kept: the ONNX initializers carry the module's state_dict names.
+Inputs carry the forward's argument names (`x`, `tokens`, `input_ids`); the output is `output`
+(several: `output_0`, `output_1`, ...; a dict or ModelOutput: its keys, e.g. `logits`); the
+dynamic dimensions are `batch` and `sequence` (dimension 1 of an input, where it is dynamic).
 """
 from __future__ import annotations
 
@@ -381,11 +384,17 @@ def export_onnx(module, example_inputs: Tuple[Any, ...], path, dynamic_batch: bo
     sal = require_sal(module)
     out = check_output(path, force)
     _require_onnx()
+    if opset is not None:   # torch's dynamo exporter writes opset 18 and newer
+        import onnx
+        from .validate import integer
+        integer("opset", opset, "export_onnx", lo=18, hi=onnx.defs.onnx_opset_version(),
+                hint="the ONNX opset, e.g. 18 (None: the exporter's default)")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    proto, _ = export_graph(inference_graph(sal), example_inputs, dynamic_batch, "export_onnx",
-                            opset, sequence=True)
+    proto, out_value = export_graph(inference_graph(sal), example_inputs, dynamic_batch,
+                                    "export_onnx", opset, sequence=True)
+    name_graph(proto, out_value)
     import onnx
     try:
         onnx.checker.check_model(proto)
@@ -394,6 +403,51 @@ def export_onnx(module, example_inputs: Tuple[Any, ...], path, dynamic_batch: bo
             from exc
     data = proto.SerializeToString()
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _output_names(value) -> Optional[list]:
+    """`output` for one tensor, `output_i` for a tuple/list, the keys of a dict (ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return ["output"]
+    if isinstance(value, dict):
+        names = [str(k) for k, v in value.items() if isinstance(v, torch.Tensor)]
+        return names if len(names) == len(value) else None
+    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+        return [f"output_{i}" for i in range(len(value))]
+    return None
+
+
+def name_graph(proto, out_value=None) -> None:
+    """Readable names in an exported inference graph, in place: the outputs `output` (see
+    _output_names), the dynamic dimensions `batch` (dimension 0 of the inputs) and `sequence`
+    (dimension 1) instead of the exporter's `s77`, also inside derived sizes (`Min(8, s27)`)."""
+    g = proto.graph
+    names = _output_names(out_value) if out_value is not None else None
+    taken = {v.name for v in g.input} | {i.name for i in g.initializer}
+    if names and len(names) == len(g.output) and len(set(names)) == len(names) \
+            and not set(names) & taken:
+        rename = {o.name: n for o, n in zip(g.output, names) if o.name not in taken}
+        if not set(rename.values()) & {v for node in g.node for v in node.output}:
+            for node in g.node:
+                node.output[:] = [rename.get(v, v) for v in node.output]
+                node.input[:] = [rename.get(v, v) for v in node.input]
+            for v in list(g.output) + list(g.value_info):
+                v.name = rename.get(v.name, v.name)
+    dims = {}
+    for v in g.input:
+        shape = v.type.tensor_type.shape.dim
+        for axis, label in ((0, "batch"), (1, "sequence")):
+            if len(shape) > axis and shape[axis].dim_param and \
+                    shape[axis].dim_param not in dims and label not in dims.values():
+                dims[shape[axis].dim_param] = label
+    dims = {k: v for k, v in dims.items() if re.fullmatch(r"\w+", k)}
+    if not dims:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, dims)) + r")\b")
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: dims[m.group(1)], d.dim_param)
 
 
 def refuse_training_export(sal, who: str) -> None:

@@ -462,4 +462,64 @@ def _export(sal, example_inputs, out, loss, optimizer, dynamic_batch, force, art
             **counts}
 
 
-__all__ = ["export_ort_training"]
+def load_ort_checkpoint(module, checkpoint, strict: bool = True) -> List[str]:
+    """Copy the parameters of an ONNX Runtime training checkpoint back into the torch module.
+
+        state = api.CheckpointState.load_checkpoint("artifacts/checkpoint")
+        ...train with api.Module / api.Optimizer on `state`...
+        load_ort_checkpoint(sal, state)      # or a saved checkpoint's path
+
+    `checkpoint`: an `onnxruntime.training.api.CheckpointState` (the live state ORT trains) or
+    the path of a checkpoint file (the artifacts' `checkpoint`, or one written with
+    `CheckpointState.save_checkpoint`). Names are the module's state_dict names (as
+    export_ort_training wrote them). `strict`: every parameter of the module must be in the
+    checkpoint. Buffers (batch-norm running statistics, feedback matrices) are not in ORT's
+    checkpoint and stay as they are. Returns the names copied."""
+    target = getattr(module, "_orig_mod", module)   # a torch.compile wrapper: its module
+    if isinstance(checkpoint, (str, os.PathLike)):
+        _require_ort_training()
+        from onnxruntime.training import api
+        path = Path(checkpoint)
+        if path.is_dir() and (path / "checkpoint").is_file():
+            path = path / "checkpoint"
+        if not path.is_file():
+            raise SalcompileError(f"load_ort_checkpoint: {checkpoint} is not a checkpoint file; "
+                                  "give the artifacts' `checkpoint` (or its directory) or the "
+                                  "CheckpointState you trained with.")
+        try:
+            checkpoint = api.CheckpointState.load_checkpoint(str(path))
+        except Exception as exc:
+            raise SalcompileError(f"load_ort_checkpoint: onnxruntime cannot read {path} "
+                                  f"({_first_line(exc)}); give a checkpoint written by "
+                                  "export_ort_training or CheckpointState.save_checkpoint.") \
+                from exc
+    if not hasattr(checkpoint, "parameters"):
+        raise SalcompileError(f"load_ort_checkpoint: expected an onnxruntime.training.api."
+                              f"CheckpointState or a checkpoint path, got "
+                              f"{type(checkpoint).__name__}.")
+    ort_params = {name: p for name, p in checkpoint.parameters}
+    own = dict(target.named_parameters())
+    unknown = sorted(set(ort_params) - set(own))
+    missing = sorted(set(own) - set(ort_params))
+    if unknown:
+        raise SalcompileError(f"load_ort_checkpoint: the checkpoint holds {', '.join(unknown)}, "
+                              "which the module does not have: it was exported from another "
+                              "model; load it into the module export_ort_training was given.")
+    if missing and strict:
+        raise SalcompileError(f"load_ort_checkpoint: the checkpoint lacks {', '.join(missing)}; "
+                              "pass strict=False to load the others.")
+    import numpy as np
+    values = {}
+    for name, p in ort_params.items():
+        arr = np.array(p.data)
+        if tuple(arr.shape) != tuple(own[name].shape):
+            raise SalcompileError(f"load_ort_checkpoint: {name} is {tuple(arr.shape)} in the "
+                                  f"checkpoint but {tuple(own[name].shape)} in the module.")
+        values[name] = torch.from_numpy(arr)
+    with torch.no_grad():   # all checked first: nothing is half-loaded
+        for name, v in values.items():
+            own[name].copy_(v.to(own[name].device, own[name].dtype))
+    return sorted(values)
+
+
+__all__ = ["export_ort_training", "load_ort_checkpoint"]

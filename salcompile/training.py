@@ -3,6 +3,10 @@
 `fit` trains with cross-entropy on shuffled mini-batches and records, per epoch: train loss and
 accuracy, test accuracy, routing balance (SAL models), the mean angle between the SAL update and
 the true backprop gradient (optional), and how many non-finite values the parameters hold.
+A language model (outputs [batch, seq, vocab], targets [batch, seq] token ids) trains with the
+next-token cross-entropy over every position; its accuracies count tokens.
+`device` ("cpu", "cuda", "auto") and `precision` ("fp32", "bf16": torch.autocast around the
+forward and the loss; parameters and gradients stay float32) choose where and how it runs.
 """
 from __future__ import annotations
 
@@ -20,6 +24,47 @@ from .routing import routing_counts_kept
 from .validate import Int, Num, check_numbers
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def resolve_device(device) -> torch.device:
+    """'auto' -> cuda when torch sees a GPU, else cpu; 'cuda' without one is a clear error."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str) or device.split(":")[0] not in DEVICES:
+        raise SalcompileError(f"device={device!r}; choose one of {', '.join(DEVICES)} "
+                              "(cuda:N for another GPU).")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        built = "without CUDA" if torch.version.cuda is None else \
+            f"with CUDA {torch.version.cuda}, but no GPU is visible"
+        raise SalcompileError(f"device={device!r}: torch {torch.__version__} was built {built}. "
+                              "Use device='cpu' (or 'auto'), or install a CUDA build of torch on "
+                              "a machine with a GPU.")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str):
+    """torch.autocast for `precision` ('bf16') on `device`'s type; a no-op context for fp32."""
+    import contextlib
+    if precision not in PRECISIONS:
+        raise SalcompileError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy: per sample for [batch, classes] outputs, per token for a language
+    model's [batch, seq, vocab] logits against [batch, seq] targets."""
+    if out.dim() == y.dim() + 1 and y.dim() > 1:
+        return F.cross_entropy(out.flatten(0, -2).float(), y.flatten().long())
+    return F.cross_entropy(out.float(), y.long())
 
 
 # Every numeric Recipe field: type and valid range (salcompile/validate.py).
@@ -74,16 +119,24 @@ class EpochRecord:
         return asdict(self)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
-    """Accuracy in %, in eval mode (the model's mode is restored; routing counts untouched)."""
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024, *,
+             device=None, precision: str = "fp32") -> float:
+    """Accuracy in % (of tokens for a language model), in eval mode (the model's mode is
+    restored; routing counts untouched). Batches are moved to `device` (default: stay put)."""
     was = model.training
     model.eval()
     correct = 0
+    dev = resolve_device(device) if device is not None else None
     with torch.no_grad(), routing_counts_kept(model):
         for i in range(0, len(x), batch):
-            correct += int((model(x[i:i + batch]).argmax(-1) == y[i:i + batch]).sum())
+            xb, yb = x[i:i + batch], y[i:i + batch]
+            if dev is not None:
+                xb, yb = xb.to(dev), yb.to(dev)
+            with autocast(dev or xb.device, precision):
+                out = model(xb)
+            correct += int((out.argmax(-1) == yb).sum())
     model.train(was)
-    return 100.0 * correct / max(1, len(x))
+    return 100.0 * correct / max(1, y.numel())
 
 
 def nonfinite_count(model: nn.Module) -> int:
@@ -96,7 +149,7 @@ def _alignment(model, x, y) -> Optional[float]:
     from .module import SALModule
     if not isinstance(getattr(model, "_orig_mod", model), SALModule):
         return None
-    angles = [a for a in gradient_alignment(model, lambda o: F.cross_entropy(o, y), x).values()
+    angles = [a for a in gradient_alignment(model, lambda o: task_loss(o, y), x).values()
               if not math.isnan(a)]
     return sum(angles) / len(angles) if angles else None
 
@@ -110,8 +163,10 @@ def _check_split(name, x, y) -> None:
                 f"a {type(v).__module__}.{type(v).__name__}"
             raise SalcompileError(f"{name} {what} are {kind}; fit takes torch tensors: "
                                   f"convert with {fix}.")
-    if len(x) != len(y):
-        raise SalcompileError(f"{name} set: {len(x)} inputs but {len(y)} labels.")
+    if len(x) != len(y) or (y.dim() > 1 and tuple(y.shape) != tuple(x.shape[:y.dim()])):
+        raise SalcompileError(f"{name} set: inputs {tuple(x.shape)} but labels {tuple(y.shape)}; "
+                              "give one class id per sample ([N]), or a language model's "
+                              "next-token targets shaped like its token ids ([N, seq]).")
     if len(x) == 0:
         raise SalcompileError(f"{name} set is empty.")
     if y.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
@@ -135,17 +190,29 @@ def _check_labels_fit(model, x, y) -> None:
 
 def fit(model: nn.Module, train, test, recipe: Recipe = Recipe(), *, seed: int = 0,
         alignment: bool = False, progress: bool = False, desc: str = "",
-        on_epoch: Optional[Callable[[EpochRecord], None]] = None) -> List[EpochRecord]:
+        on_epoch: Optional[Callable[[EpochRecord], None]] = None, device=None,
+        precision: str = "fp32") -> List[EpochRecord]:
     """Train `model` on `train` = (x, y), evaluate on `test` each epoch; returns the records.
 
+    y: class ids [N] (cross-entropy per sample), or next-token targets [N, seq] for a language
+    model returning [N, seq, vocab] (cross-entropy per token; accuracies count tokens).
     alignment: measure angle(SAL update, BP gradient) on 256 training samples each epoch.
     progress: a tqdm bar over the batches (on stderr).
+    device: "cpu", "cuda", "auto" (cuda if available) or None (where the model is); the model is
+    moved there, the data batch by batch. precision: "fp32" or "bf16" (torch.autocast around the
+    forward and the loss; parameters, gradients and optimizer state stay float32).
     """
     from .routing import reset_routing_stats, routing_stats
     (xtr, ytr), (xte, yte) = train, test
     _check_split("train", xtr, ytr)
     _check_split("test", xte, yte)
-    _check_labels_fit(model, xtr, torch.cat([ytr.long(), yte.long()]))
+    autocast(torch.device("cpu"), precision)   # validates precision before any work
+    if device is not None:
+        dev = resolve_device(device)
+        model.to(dev)
+    else:
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    _check_labels_fit(model, xtr.to(dev), torch.cat([ytr.long().flatten(), yte.long().flatten()]))
     opt = recipe.make_optimizer(model.parameters())
     gen = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(xtr) / recipe.batch)
@@ -163,24 +230,28 @@ def fit(model: nn.Module, train, test, recipe: Recipe = Recipe(), *, seed: int =
             total_loss, correct = 0.0, 0
             for i in range(0, len(xtr), recipe.batch):
                 idx = order[i:i + recipe.batch]
+                xb, yb = xtr[idx].to(dev), ytr[idx].to(dev)
                 opt.zero_grad(set_to_none=True)
-                out = model(xtr[idx])
-                loss = F.cross_entropy(out, ytr[idx].long())
+                with autocast(dev, precision):
+                    out = model(xb)
+                    loss = task_loss(out, yb)
                 loss.backward()
                 opt.step()
                 total_loss += float(loss.detach()) * len(idx)
-                correct += int((out.detach().argmax(-1) == ytr[idx]).sum())
+                correct += int((out.detach().argmax(-1) == yb).sum())
                 if bar is not None:
                     bar.update(1)
             stats = routing_stats(model)
             first = next(iter(stats.values()), None)
             rec = EpochRecord(
                 epoch=epoch + 1, train_loss=total_loss / len(xtr),
-                train_acc=100.0 * correct / len(xtr), test_acc=accuracy(model, xte, yte),
+                train_acc=100.0 * correct / ytr.numel(),
+                test_acc=accuracy(model, xte, yte, device=dev, precision=precision),
                 seconds=time.perf_counter() - t0,
                 routing_balance=None if first is None else round(first["balance"], 4),
                 active_areas=None if first is None else first["active"],
-                alignment=_alignment(model, xtr[:256], ytr[:256]) if alignment else None,
+                alignment=_alignment(model, xtr[:256].to(dev), ytr[:256].to(dev))
+                if alignment else None,
                 nonfinite=nonfinite_count(model))
             records.append(rec)
             if bar is not None:

@@ -2,6 +2,8 @@
 seeds, in float64:
 
 1. FA with B = W and no rescaling gives exactly backprop's gradients, dense and with areas;
+   (1 and 3 also over real idioms: a gated product (SwiGLU-style), an in-place ReLU and a
+   composed LoRA-style weight W + A@B in one model);
 2. K=1 areas with gates on every non-head layer is the dense model (gates get a zero gradient);
 3. the fast area implementation equals the masked-dense reference (FA, DFA, BP);
 4. the same seeds give the same outputs, gradients, feedback matrices and routing; another
@@ -48,6 +50,25 @@ class CNN(nn.Module):
         return self.head(torch.relu(self.fc(h.flatten(1))))
 
 
+class Idioms(nn.Module):
+    """silu(gate(x)) * up(x) → down → ReLU(inplace=True) → h + (W + A@B)h → head."""
+
+    def __init__(self, d_in, hidden, d_out, rank):
+        super().__init__()
+        self.gate, self.up = nn.Linear(d_in, hidden), nn.Linear(d_in, hidden)
+        self.down = nn.Linear(hidden, hidden)
+        self.act = nn.ReLU(inplace=True)
+        self.mix = nn.Linear(hidden, hidden)
+        self.lora_a = nn.Parameter(torch.randn(hidden, rank) * 0.1)
+        self.lora_b = nn.Parameter(torch.randn(rank, hidden) * 0.1)
+        self.head = nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        h = self.act(self.down(F.silu(self.gate(x)) * self.up(x)))
+        h = h + F.linear(h, self.mix.weight + self.lora_a @ self.lora_b, self.mix.bias)
+        return self.head(h)
+
+
 @st.composite
 def cases(draw, arch, ks=KS):
     """A spec: (K, a float64 model factory, its head's layer name, an input batch). Every gated
@@ -56,7 +77,14 @@ def cases(draw, arch, ks=KS):
     batch = draw(st.integers(1, 6))
     model_seed, input_seed = draw(SEEDS), draw(SEEDS)
     gen = torch.Generator().manual_seed(input_seed)
-    if arch == "mlp":
+    if arch == "idioms":
+        d_in, d_out, rank = draw(st.integers(1, 6)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
+        hidden = k * draw(st.integers(1, 3))
+        shape = (batch, d_in)
+        head = "head"
+        build = lambda: Idioms(d_in, hidden, d_out, rank)  # noqa: E731
+        desc = f"Idioms({d_in}, {hidden}, {d_out}, rank={rank})"
+    elif arch == "mlp":
         d_in, d_out = draw(st.integers(1, 6)), draw(st.integers(1, 4))
         hidden, depth = k * draw(st.integers(1, 4)), draw(st.integers(2, 4))
         shape = (batch, d_in)
@@ -96,6 +124,7 @@ def _without_gates(g):
 
 
 ARCHS = pytest.mark.parametrize("arch", ["mlp", "cnn"])
+ARCHS_AND_IDIOMS = pytest.mark.parametrize("arch", ["mlp", "cnn", "idioms"])
 MODES = pytest.mark.parametrize("mode", ["partition", "replicate"])
 FEEDBACKS = st.sampled_from(["fa", "dfa", "bp"])
 
@@ -106,7 +135,7 @@ def _gate_all_but(head):
 
 # 1. FA with B = W ≡ BP ------------------------------------------------------------------------
 
-@ARCHS
+@ARCHS_AND_IDIOMS
 @MODES
 @settings(max_examples=5, **SETTINGS)
 @given(data=st.data(), feedback_seed=SEEDS, routing_seed=SEEDS)
@@ -148,7 +177,7 @@ def test_one_area_with_gates_equals_dense(arch, data, feedback, feedback_seed, r
 
 # 3. fast ≡ reference ---------------------------------------------------------------------------
 
-@ARCHS
+@ARCHS_AND_IDIOMS
 @MODES
 @pytest.mark.parametrize("feedback", ["fa", "dfa", "bp"])
 @settings(max_examples=4, **SETTINGS)
@@ -158,7 +187,8 @@ def test_fast_equals_reference(arch, mode, feedback, data, feedback_seed, routin
     kw = dict(areas=k, area_mode=mode, feedback=feedback, feedback_seed=feedback_seed,
               routing_seed=routing_seed)
     if k == 1:  # K=1 without gates has no area ops to compare: gate every non-head layer
-        kw["gate_layers"] = _gate_all_but(head)
+        # (the idioms' composed W + A@B layer cannot take areas)
+        kw["gate_layers"] = ["gate", "up", "down"] if arch == "idioms" else _gate_all_but(head)
     _note(k, make, x, **kw)
     model = make()  # one instance, transformed twice (transform copies it)
     fast = _transform(model, x, area_impl="fast", **kw)

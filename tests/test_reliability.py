@@ -318,3 +318,56 @@ def test_input_block_gain_changes_only_the_block_reading_layer(make, x, impl, tm
     (logits.sum() + other.sum()).backward()
     salcompile.save(s, (x,), tmp_path / "m.pt2")
     assert torch.allclose(salcompile.load(tmp_path / "m.pt2")(x)[1], model(x)[1])
+
+
+# ---------------------------------------------------------------- round-2 leftovers
+def test_legacy_torch_save_and_checkpoint_dicts_are_state_dicts(tmp_path):
+    from salcompile import files
+    from salcompile.models import MLP
+    model = MLP(8, 16, 3)
+    sd = model.state_dict()
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save({"model": sd, "epoch": 3, "lr": 0.1}, tmp_path / "ckpt.pt")
+    torch.save({"epoch": 3}, tmp_path / "no_weights.pt")
+    for name in ("legacy.pt", "ckpt.pt"):
+        assert files.detect_format(tmp_path / name) == files.STATE_DICT, name
+        got = files.load_state_dict(tmp_path / name)
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+    with pytest.raises(SalcompileError, match="holds no state_dict"):
+        files.load_state_dict(tmp_path / "no_weights.pt")
+
+
+def test_export_onnx_checks_the_opset(tmp_path):
+    pytest.importorskip("onnxscript")
+    from salcompile.models import MLP
+    x = torch.randn(4, 8)
+    sal = salcompile.transform(MLP(8, 16, 3), (x,), areas=1)
+    for bad in (-1, 10 ** 6, 2.5, True):
+        with pytest.raises(SalcompileError, match=r"opset must be an int in \[18, "):
+            salcompile.export_onnx(sal, (x,), tmp_path / "m.onnx", opset=bad)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_replicate_mode_loads_the_original_state_dict_into_every_copy():
+    from salcompile.models import MLP
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    model = MLP(8, 16, 3, depth=3)
+    sal = salcompile.transform(model, (x,), areas=4, area_mode="replicate")
+    other = MLP(8, 16, 3, depth=3)   # other weights, the original's shapes
+    result = sal.load_state_dict(other.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    w = sal.get_parameter("layers.0.weight")
+    assert w.shape[0] == 4
+    for k in range(4):
+        torch.testing.assert_close(w[k], other.get_parameter("layers.0.weight"))
+        torch.testing.assert_close(sal.get_parameter("layers.0.bias")[k],
+                                   other.get_parameter("layers.0.bias"))
+
+
+def test_a_wrong_shape_capture_prints_no_torch_traceback(capfd):
+    from salcompile.models import MLP
+    with pytest.raises(SalcompileError, match="could not capture"):
+        salcompile.transform(MLP(8, 16, 3), (torch.randn(4, 5),))
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "fake_tensor" not in err
