@@ -9,7 +9,6 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .config import SALConfig
-from .ops import fast
 from .errors import SalcompileError
 from .plan import Plan
 
@@ -43,22 +42,11 @@ class SALModule(fx.GraphModule):
         if torch.compiler.is_compiling():
             return super().__call__(*args, **kwargs)
         try:
-            if _no_hooks(self) and fast.plain_eager():   # salcompile/ops/fast.py
-                return fast.eager_forward(self)(self, *args, **kwargs)
             return super().__call__(*args, **kwargs)
         except AssertionError as exc:   # torch.export's input guards (the `_guards_fn` node)
             if not str(exc).startswith("Guard failed:"):
                 raise
             raise SalcompileError(guard_message(self, str(exc), args, kwargs)) from exc
-
-
-def _no_hooks(module) -> bool:
-    """nn.Module.__call__ would call forward directly (its own fast path): no module hooks."""
-    m = torch.nn.modules.module
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or m._global_forward_hooks
-                or m._global_forward_pre_hooks or m._global_backward_hooks
-                or m._global_backward_pre_hooks)
 
 
 def input_names(module) -> list:
