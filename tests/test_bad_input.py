@@ -127,7 +127,7 @@ CASES = [
     ("labels-out-of-range", lambda tmp: _fit(torch.arange(8)), "num_classes >= 8"),
     ("labels-not-integer", lambda tmp: _fit(torch.zeros(8)), "integer class ids"),
     ("inputs-and-labels-differ", lambda tmp: _fit(torch.zeros(7, dtype=torch.long)),
-     "8 inputs but 7 labels"),
+     "inputs (8, 8) but labels (7,)"),
     ("bad-recipe", lambda tmp: Recipe(optimizer="lbfgs"), "choose one of"),
     ("nan-in-training-data",
      lambda tmp: salcompile.transform(MLP(8, 16, 3), (_x(),), areas=4, check_finite=True)(
