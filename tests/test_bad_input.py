@@ -13,6 +13,7 @@ from torch import nn
 import salcompile
 from salcompile import SalcompileError
 import salcompile.data
+import salcompile.files
 from salcompile.cli import main
 from salcompile.models import MLP
 from salcompile.training import Recipe, fit
@@ -40,6 +41,11 @@ def _x(n=2, d=8, **kw):
 
 def _transform(**kw):
     return lambda tmp: salcompile.transform(MLP(8, 16, 3), (_x(),), **kw)
+
+
+def _saved(tmp, obj):
+    torch.save(obj, tmp / "ckpt.pt")
+    return tmp / "ckpt.pt"
 
 
 def _archive(tmp):
@@ -183,6 +189,16 @@ CASES = [
         _archive(tmp)[0], lambda out: out, _x()), "scalar tensor"),
     ("data-parallel-without-process-group",
      lambda tmp: salcompile.distributed.data_parallel(_archive(tmp)[0]), "init_process_group"),
+    ("onnx-opset-out-of-range", lambda tmp: salcompile.export_onnx(
+        _archive(tmp)[0], (_x(),), tmp / "o.onnx", opset=10 ** 6), "opset must be an int in"),
+    ("checkpoint-without-weights", lambda tmp: salcompile.files.load_state_dict(
+        _saved(tmp, {"epoch": 3})), "holds no state_dict"),
+    ("top-k-above-areas", lambda tmp: salcompile.SALConfig(areas=4, route_top_k=5),
+     "exceeds areas"),
+    ("shared-fraction-out-of-range", lambda tmp: salcompile.SALConfig(shared_fraction=1.5),
+     "shared_fraction must be"),
+    ("unknown-feedback-rule", lambda tmp: salcompile.SALConfig(feedback="kolen"),
+     "'usf', 'brsf', 'frsf', 'kp'"),
 ]
 
 
@@ -253,7 +269,7 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing_behind(case, action, phra
     assert phrase in message, message
     assert len(message) > 30  # says what to do, not just what failed
     left = {p for p in set(tmp.rglob("*")) - before
-            if p.name not in ("m.pt2", "e.pt2", "cut.pt2", "m.onnx")}
+            if p.name not in ("m.pt2", "e.pt2", "cut.pt2", "m.onnx", "ckpt.pt")}
     assert not left, f"left behind: {left}"
     assert not (tmp / "PWNED").exists()
 
