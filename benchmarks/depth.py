@@ -1,6 +1,12 @@
-"""Numerical consistency with depth: deep MLPs on digits under BP, FA, DFA and SAL-16.
+"""Numerical consistency with depth: deep MLPs on digits under BP, FA, DFA, uSF, frSF, KP and
+SAL-16.
 
     python benchmarks/depth.py [--depths 2,8,32,128] [--archs plain,res] [--epochs 10] [--seeds 1]
+                               [--modes BP,FA,DFA,uSF,frSF,KP,SAL-16]
+
+Every mode trains with Adam lr 1e-3, batch 16, except KP (Kolen-Pollack), which needs weight
+decay on both W and B to align (salcompile/feedback/kp.py): AdamW lr 1e-3, weight decay 0.1, as
+in benchmarks/paper_table2.py.
 
 For each architecture (plain deep MLP, residual deep MLP), depth and mode: final test accuracy,
 and, measured after training on 256 training samples, each layer's output RMS (activation norm),
@@ -11,6 +17,7 @@ depth.png (per-layer activation RMS and update size at the largest depth).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +37,10 @@ from salcompile.training import Recipe, fit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = {"BP": dict(feedback="bp", areas=1), "FA": dict(feedback="fa", areas=1),
-         "DFA": dict(feedback="dfa", areas=1), "SAL-16": dict(feedback="fa", areas=16)}
+         "DFA": dict(feedback="dfa", areas=1), "uSF": dict(feedback="usf", areas=1),
+         "frSF": dict(feedback="frsf", areas=1), "KP": dict(feedback="kp", areas=1),
+         "SAL-16": dict(feedback="fa", areas=16)}
+MODE_RECIPE = {"KP": dict(optimizer="adamw", weight_decay=0.1)}  # the rest: the common recipe
 ARCHS = {"plain": "deep-mlp", "res": "deep-mlp-res"}
 
 
@@ -69,6 +79,8 @@ def probe(sal, x):
 
 
 def one_run(arch, depth, mode, seed, recipe, width, data):
+    if mode in MODE_RECIPE:
+        recipe = dataclasses.replace(recipe, **MODE_RECIPE[mode])
     torch.manual_seed(seed)
     model = build(ARCHS[arch], in_features=64, width=width, num_classes=10, depth=depth)
     xtr = data.x_train
@@ -109,6 +121,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
+    unknown = [m for m in args.modes.split(",") if m not in MODES]
+    if unknown:
+        ap.error(f"unknown modes {unknown}; choose from {','.join(MODES)}")
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)  # tiny matmuls: one thread avoids OpenMP stalls on a busy CPU
     recipe = Recipe(optimizer="adam", lr=1e-3, batch=16, epochs=args.epochs)
@@ -136,17 +151,21 @@ def main() -> None:
     for key, r in results.items():
         arch, depth, mode = key.split("|")
         rms, up = r["rms"], r["updates"]
-        lines.append(f"| {arch} | {depth} | {mode} | {r['acc']:.2f} ± {r['std']:.2f} | "
+        std = "" if args.seeds == 1 else f" ± {r['std']:.2f}"   # no spread from one seed
+        lines.append(f"| {arch} | {depth} | {mode} | {r['acc']:.2f}{std} | "
                      f"{_fmt(rms[0])} | {_fmt(rms[len(rms) // 2])} | {_fmt(rms[-1])} | "
                      f"{_fmt(min(up))} | {_fmt(max(up))} | {r['nonfinite']} |")
     table = "\n".join(lines)
     print("\n" + table)
     cmd = (f"python benchmarks/depth.py --depths {args.depths} --archs {args.archs} "
-           f"--epochs {args.epochs} --seeds {args.seeds} --width {args.width}")
+           f"--epochs {args.epochs} --seeds {args.seeds} --width {args.width} --modes {args.modes}")
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "depth.md"), (
         f"# Depth: deep MLPs on digits (width {args.width})\n\nCommand: `{cmd}` (CPU, torch "
-        f"{torch.__version__}, {time.time() - t_start:.0f} s). {recipe}. Activation RMS: each "
+        f"{torch.__version__}, {time.time() - t_start:.0f} s). {recipe}"
+        + "".join(f"; {m}: {r['optimizer']}, weight decay {r['weight_decay']:g}"
+                  for m, r in MODE_RECIPE.items()
+                  if m in modes) + f". Activation RMS: each "
         f"layer's output after training on 256 training samples (eval mode); update: the last "
         f"epoch's relative change of each weight; NaN/inf: non-finite entries in activations, "
         f"outputs and parameters (all seeds).\n\n{table}\n"))

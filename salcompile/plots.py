@@ -44,22 +44,38 @@ def learning_curve(result, path) -> None:
 
 
 def grouped_bars(groups: Sequence[str], series: Dict[str, List[Tuple[float, float]]], path,
-                 ylabel: str, title: str, markers: Dict[str, List[float]] = None) -> None:
-    """Bars with error bars: series[name][i] = (mean, std) for groups[i]; optional markers
-    (e.g. the paper's figures) drawn as black ticks per group."""
+                 ylabel: str, title: str, markers: Dict[str, List[float]] = None,
+                 marker_series: Dict[str, str] = None) -> None:
+    """Bars with error bars: series[name][i] = (mean, std) for groups[i] (std None or 0: no error
+    bar; mean None: no bar, e.g. a pending cell); optional markers (e.g. the paper's figures) drawn
+    as black symbols per group, over the bar of the series `marker_series[marker]` names (the
+    figure it should be compared with), or at the group's centre when it names none."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(series)) / 3), 4))
     n = max(1, len(series))
+    fig, ax = plt.subplots(figsize=(min(18, max(6, 1.6 * len(groups) * n / 3)),
+                                    4 if n <= 6 else 5))
     width = 0.8 / n
+    offset = {}
+    colors = plt.get_cmap("tab20").colors if n > 10 else [None] * n  # > 10: no repeated colour
     for i, (name, vals) in enumerate(series.items()):
-        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], label=name, capsize=2)
+        offset[name] = (i - (n - 1) / 2) * width
+        pts = [(g + offset[name], v) for g, v in enumerate(vals)
+               if v is not None and v[0] is not None]
+        ax.bar([p[0] for p in pts], [p[1][0] for p in pts], width,
+               yerr=[p[1][1] or 0.0 for p in pts], label=name, capsize=2,
+               color=colors[i % len(colors)])
     styles = [dict(marker="*", c="k", s=160), dict(marker="X", c="dimgray", s=110),
               dict(marker="D", c="k", s=60)]
     for (name, vals), style in zip((markers or {}).items(), styles):
-        pts = [(g, v) for g, v in enumerate(vals) if v is not None]
+        over = (marker_series or {}).get(name)
+        if over is not None and over not in offset:
+            raise SalcompileError(f"grouped_bars: marker {name!r} is meant to sit over series "
+                                  f"{over!r}, which is not one of {list(offset)}.")
+        dx = offset[over] if over is not None else 0.0
+        pts = [(g + dx, v) for g, v in enumerate(vals) if v is not None]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=name, zorder=5, **style)
+            label = name if over is None else f"{name} (over {over})"
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=label, zorder=5, **style)
     ax.set_xticks(range(len(groups)), groups)
     ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
