@@ -4,12 +4,14 @@
 #     bash benchmarks/gpu_check.sh            # from the repository root; results under $OUT
 #
 # Stages (each under `timeout`, each logged to $OUT/<stage>.log; a failing stage does not stop the
-# others; the whole script stays under ~6 minutes):
+# others; the whole script stays under ~7 minutes):
 #   env        torch / CUDA / device facts, nvidia-smi
 #   install    pip install --no-deps --no-build-isolation -e .
 #   cuda_tests pytest tests/test_devices.py                  (fast = reference on CUDA fp32/bf16, compile)
 #   step_time  python benchmarks/step_time.py --device cuda  -> $OUT/step_time_cuda.md
 #   billion    python benchmarks/step_time.py --billion      -> $OUT/step_time_billion.md
+#   paper_scale python benchmarks/step_time.py --paper-scale --device cuda
+#                                                            -> $OUT/step_time_paper_scale_cuda.md
 #   pytest     the fusion tests and the train-step graph tests under the device's torch and its
 #              stock onnxruntime (the train-step graph is meant for any onnxruntime >= 1.19)
 # $OUT/summary.md lists each stage's exit status and wall time (124 = hit its timeout).
@@ -49,12 +51,13 @@ stage install 40 "$PY" -m pip install --no-deps --no-build-isolation -e .
 stage cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py
 stage step_time 120 "$PY" benchmarks/step_time.py --device cuda --budget 75 --out "$OUT/step_time_cuda.md"
 stage billion 60 "$PY" benchmarks/step_time.py --billion --steps 50 --out "$OUT/step_time_billion.md"
+stage paper_scale 60 "$PY" benchmarks/step_time.py --paper-scale --device cuda --budget 35 --out "$OUT/step_time_paper_scale_cuda.md"
 stage pytest 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_fuse_regions.py tests/test_train_step_export.py
 
 echo "" >> "$SUMMARY"
 echo "total: $(( $(date +%s) - T_START )) s" >> "$SUMMARY"
 cat "$SUMMARY"
-for f in "$OUT/step_time_cuda.md" "$OUT/step_time_billion.md"; do
+for f in "$OUT/step_time_cuda.md" "$OUT/step_time_billion.md" "$OUT/step_time_paper_scale_cuda.md"; do
   [ -f "$f" ] && { echo; cat "$f"; }
 done
 exit 0

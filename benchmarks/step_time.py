@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py [--device cpu|cuda] [--rows N] [--quick] [--rounds R]
     python benchmarks/step_time.py --billion [--rows N] [--steps 50]      # CUDA, bf16, 1.68 B SAL
+    python benchmarks/step_time.py --paper-scale [--device cpu|cuda]     # 64-256-10 MLP, batch 16
 
 Model `din -> L x D -> dout` (salcompile.models.DeepMLP, ReLU, cross-entropy on random labels):
   CPU : 4096 rows, 256 -> 5 x 1024 -> 256, fp32;
@@ -18,6 +19,14 @@ fails to build or run becomes a row with its error. Peak memory:
 Also times salcompile.transform on a ResNet-50-sized graph (built here: 16 bottlenecks, 53 convs,
 batch norm; torchvision is not a dependency) and profiles the SAL partition step (top ops).
 Writes benchmarks/results/step_time_<device>.md (or --out).
+
+--paper-scale: the paper's own setting, where a step is bound by per-op overhead, not arithmetic:
+salcompile.models.MLP(64, 256, 10) (the zoo's "mlp"), batch 16, Adam lr 1e-3, one thread on the
+CPU; dense BP eager / compiled, FA eager / compiled, SAL-16 partition eager / compiled, SAL-16
+replicate, and SAL-16 partition with the eager fast path off in its forward (salcompile/ops/
+fast.py: every custom op through the dispatcher, as before issue 13; the ops' cheaper internals
+stay). Interleaved rounds of --steps-per-round
+steps per variant; median of the per-round means. Writes step_time_paper_scale[_cuda].md.
 
 --billion: salcompile.models.build("replicate-1b") with REGISTRY["replicate-1b"].sal in bf16 on
 CUDA, `--steps` SGD steps on a synthetic learnable task (labels = argmax of a fixed random
@@ -42,7 +51,7 @@ import torch.nn.functional as F
 
 import salcompile
 from salcompile.files import atomic_write_text
-from salcompile.models import DeepMLP
+from salcompile.models import MLP, DeepMLP
 
 TARGETS_CPU = {  # the issue's targets, ratio of median step time to dense BP eager (memory: peak)
     "FA (areas=1)": "<= 1.05x",
@@ -67,11 +76,11 @@ def _short(exc: BaseException) -> str:
 
 
 class Runner:
-    """One variant: module, SGD optimizer, step timing."""
+    """One variant: module, SGD (or Adam) optimizer, step timing."""
 
-    def __init__(self, label, module, x, y, lr=1e-3):
+    def __init__(self, label, module, x, y, lr=1e-3, optimizer=torch.optim.SGD):
         self.label, self.module, self.x, self.y = label, module, x, y
-        self.opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=lr)
+        self.opt = optimizer([p for p in module.parameters() if p.requires_grad], lr=lr)
         self.times = []
         self.error = None
         self.first_step_s = None
@@ -418,6 +427,158 @@ def run_benchmark(args):
     print(f"wrote {out}")
 
 
+# ---------------------------------------------------------------- --paper-scale
+TARGETS_PAPER = {"FA eager": 1.2, "SAL-16 partition eager": 1.5, "SAL-16 partition compiled": 1.0}
+
+
+class _FastPathOff:
+    """Runs a variant with salcompile's eager fast path off (every op through the dispatcher)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args):
+        fast = _fast_module()
+        fast.ENABLED = False
+        try:
+            return self.module(*args)
+        finally:
+            fast.ENABLED = True
+
+    def parameters(self):
+        return self.module.parameters()
+
+
+def _fast_module():
+    try:
+        from salcompile.ops import fast
+    except ImportError:   # a checkout from before the eager fast path (for before/after runs)
+        return None
+    return fast
+
+
+def run_paper_scale(args):
+    fast = _fast_module()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("--device cuda but torch.cuda.is_available() is False")
+    torch.set_num_threads(args.threads if args.threads_given else 1)
+    torch.manual_seed(0)
+    rows = args.rows or 16
+    rounds = args.rounds or (5 if args.quick else 15)
+    steps = args.steps_per_round or (5 if args.quick else 50)
+    start = time.perf_counter()
+    budget_end = start + args.budget if args.budget else None
+    base = MLP(64, 256, 10).to(device)
+    x = torch.randn(rows, 64, device=device)
+    y = torch.randint(0, 10, (rows,), device=device)
+
+    def fresh():
+        return copy.deepcopy(base)
+
+    def sal(**kw):
+        return salcompile.transform(fresh(), (x,), feedback="fa", **kw)
+
+    specs = [
+        ("dense BP eager", lambda: fresh()),
+        ("dense BP compiled", lambda: torch.compile(fresh())),
+        ("FA eager", lambda: sal(areas=1)),
+        ("FA compiled", lambda: salcompile.compile(sal(areas=1))),
+        ("SAL-16 partition eager", lambda: sal(areas=16)),
+        ("SAL-16 partition compiled", lambda: salcompile.compile(sal(areas=16))),
+        ("SAL-16 partition eager, ops via dispatcher", lambda: _FastPathOff(sal(areas=16))),
+        ("SAL-16 replicate eager", lambda: sal(areas=16, area_mode="replicate")),
+    ]
+    if fast is None:
+        specs = [s for s in specs if "dispatcher" not in s[0]]
+    runners, failed = [], []
+    for label, make in specs:
+        if budget_end and time.perf_counter() > budget_end:
+            failed.append((label, "skipped: --budget exhausted before it was built"))
+            continue
+        t0 = time.perf_counter()
+        try:
+            r = Runner(label, make(), x, y, optimizer=torch.optim.Adam)
+            for _ in range(20):
+                r.step()
+            _sync(device)
+            r.first_step_s = time.perf_counter() - t0
+            runners.append(r)
+            print(f"built {label} ({r.first_step_s:.1f} s)", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            failed.append((label, _short(exc)))
+    for rnd in range(rounds):
+        if budget_end and time.perf_counter() > budget_end and rnd >= 1:
+            print(f"--budget exhausted after {rnd} rounds", flush=True)
+            break
+        for r in runners:
+            if r.error:
+                continue
+            try:
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    r.step()
+                _sync(device)
+                r.times.append((time.perf_counter() - t0) / steps)
+            except Exception as exc:  # noqa: BLE001
+                r.error = _short(exc)
+    ok = [r for r in runners if r.times and not r.error]
+    base_r = next((r for r in ok if r.label == "dense BP eager"), None)
+    bmed = statistics.median(base_r.times) if base_r else None
+    bmin = min(base_r.times) if base_r else None
+    dev_name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
+    cmd = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+    lines = [f"# Training step time at the paper's scale ({args.device})", "",
+             f"- command: `{cmd}`",
+             f"- torch {torch.__version__}, Python {platform.python_version()}, device: {dev_name}, "
+             f"threads: {torch.get_num_threads()}",
+             f"- model: salcompile.models.MLP(64, 256, 10) (the zoo's `mlp`, 19,210 params), {rows} rows, "
+             "float32, cross-entropy, Adam lr 1e-3; one step = zero_grad + forward + backward + step",
+             f"- timing: 20 warm-up steps per variant, then {len(base_r.times) if base_r else 0} "
+             f"interleaved rounds x {steps} steps; median (and fastest) of the per-round means",
+             "", "| variant | median µs/step | vs dense BP eager | min µs/step | min vs dense min | "
+                 "target | params |", "|---|---|---|---|---|---|---|"]
+    results = {}
+    for r in runners:
+        if not r.times or r.error:
+            lines.append(f"| {r.label} | failed | | | | {TARGETS_PAPER.get(r.label, '')} | {r.error} |")
+            continue
+        med, mn = statistics.median(r.times), min(r.times)
+        results[r.label] = (med / bmed if bmed else float("nan"), mn / bmin if bmin else float("nan"))
+        tgt = TARGETS_PAPER.get(r.label)
+        lines.append(f"| {r.label} | {med * 1e6:.0f} | {results[r.label][0]:.2f} | {mn * 1e6:.0f} | "
+                     f"{results[r.label][1]:.2f} | {f'<= {tgt}x' if tgt else ''} | "
+                     f"{count_params(r.module):,} |")
+    for label, err in failed:
+        lines.append(f"| {label} | failed | | | | | {err} |")
+    lines += ["", "## Against the issue's targets", ""]
+    for label, limit in TARGETS_PAPER.items():
+        if label not in results:
+            lines.append(f"- {label}: no measurement")
+            continue
+        med, mn = results[label]
+        lines.append(f"- {label}: {med:.2f}x dense BP eager, target <= {limit}x: "
+                     f"{'met' if med <= limit else 'MISSED'} (fastest rounds: {mn:.2f}x, "
+                     f"{'met' if mn <= limit else 'missed'})")
+    part = next((r for r in ok if r.label == "SAL-16 partition eager"), None)
+    if part is not None and not (budget_end and time.perf_counter() > budget_end):
+        lines += ["", "## Where the time goes: SAL-16 partition eager step (torch.profiler, 2 steps, "
+                  "top ops by self " + ("CUDA" if cuda else "CPU") + " time)", "",
+                  "```", profile_top(part, device, rows=20).rstrip(), "```"]
+    lines += ["", f"Total benchmark wall time: {time.perf_counter() - start:.0f} s."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    name = "step_time_paper_scale" + ("_cuda" if cuda else "") + ".md"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+    print(f"wrote {out}")
+    assert fast is None or fast.ENABLED
+
+
 # ---------------------------------------------------------------- --billion
 def run_billion(args):
     """--billion on CUDA in bf16; with --smoke, the same code on the CPU with the zoo entry's tiny
@@ -498,7 +659,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rows and rounds (smoke test)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
     ap.add_argument("--per-round", type=int, default=None, help="timed steps per variant per round")
-    ap.add_argument("--threads", type=int, default=2 if not torch.cuda.is_available() else 8)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads (default 2 on the CPU, 8 with CUDA; --paper-scale: 1)")
+    ap.add_argument("--paper-scale", action="store_true",
+                    help="the paper's 64-256-10 MLP at batch 16 with Adam (per-op overhead)")
+    ap.add_argument("--steps-per-round", type=int, default=None,
+                    help="--paper-scale: steps per variant per interleaved round (default 50)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds: variants/rounds/extras not started past this are reported as skipped")
     ap.add_argument("--out", default=None, help="results markdown path")
@@ -508,7 +674,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--lr", type=float, default=0.05)
     args = ap.parse_args()
-    if args.billion:
+    args.threads_given = args.threads is not None
+    if args.threads is None:
+        args.threads = 2 if not torch.cuda.is_available() else 8
+    if args.paper_scale:
+        run_paper_scale(args)
+    elif args.billion:
         run_billion(args)
     else:
         run_benchmark(args)

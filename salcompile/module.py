@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .config import SALConfig
+from .ops import fast
 from .errors import SalcompileError
 from .plan import Plan
 
@@ -42,11 +43,25 @@ class SALModule(fx.GraphModule):
         if torch.compiler.is_compiling():
             return super().__call__(*args, **kwargs)
         try:
+            # salcompile/ops/fast.py. The builtin check first: under torch.compile (an eval-frame
+            # callback) every Python function called from here would be compiled, once per
+            # SALModule class
+            if fast.frame_callback() is None and fast.plain_eager() and _no_hooks(self):
+                return fast.eager_forward(self)(self, *args, **kwargs)
             return super().__call__(*args, **kwargs)
         except AssertionError as exc:   # torch.export's input guards (the `_guards_fn` node)
             if not str(exc).startswith("Guard failed:"):
                 raise
             raise SalcompileError(guard_message(self, str(exc), args, kwargs)) from exc
+
+
+def _no_hooks(module) -> bool:
+    """nn.Module.__call__ would call forward directly (its own fast path): no module hooks."""
+    m = torch.nn.modules.module
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
 
 
 def input_names(module) -> list:

@@ -57,6 +57,17 @@ def test_mlp_partition_equals_reference(feedback, k):
     _check_same(_variants(_mlp(), x, areas=k, feedback=feedback), x)
 
 
+@pytest.mark.parametrize("feedback", ["fa", "bp", "dfa"])
+@pytest.mark.parametrize("rows", [16, 37])
+def test_mlp_partition_few_rows_path_equals_reference(feedback, rows, monkeypatch):
+    """The paper-scale shape (rows <= 2 x areas): compact_linear's per-row weight-block path,
+    forced for 37 rows too."""
+    if rows == 37:
+        monkeypatch.setattr(compact, "SMALL_ROWS_PER_AREA", 100)
+    x = torch.randn(rows, 8, dtype=D)
+    _check_same(_variants(_mlp(), x, areas=16, feedback=feedback), x)
+
+
 def test_fa_with_weights_init_and_no_match():
     x = torch.randn(21, 8, dtype=D)
     _check_same(_variants(_mlp(), x, areas=4, feedback_init="weights"), x)
@@ -224,9 +235,11 @@ def _sorted_case(rows, k, dtype, counts=None):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mode,input_block", [("partition", False), ("partition", True),
                                               ("dense", True), ("replicate", False)])
-@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("loop", [False, True, "few"])
 def test_compact_linear_equals_area_linear(dtype, mode, input_block, loop, monkeypatch):
-    monkeypatch.setattr(compact, "FORCE_LOOP", loop)
+    # "few": the per-row weight-block path compact_linear takes for few rows per area
+    monkeypatch.setattr(compact, "FORCE_LOOP", loop is True)
+    monkeypatch.setattr(compact, "SMALL_ROWS_PER_AREA", 100 if loop == "few" else 0)
     k, n, i, rows = 4, 16, 32, 29
     area, order, sarea, offs = _sorted_case(rows, k, dtype, counts=[10, 0, 17, 2])
     w_shape = (k, n, i) if mode == "replicate" else (n, i)

@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 def test_gpu_check_script_parses_and_names_its_stages():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
     text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
-    for stage in ("cuda_tests", "step_time", "billion", "pytest"):
+    for stage in ("cuda_tests", "step_time", "billion", "paper_scale", "pytest"):
         assert f"stage {stage} " in text
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fast
 from .fa import _TINY, _fresh, kp_grad
 
 MODES = ("partition", "replicate", "dense")
@@ -324,8 +325,8 @@ def _linear_backward(ctx, grad):
     need_x, need_w, need_b, need_fb = _needs(ctx)
     gx = gw = gb = None
     if need_x or need_w or need_b or need_fb:
-        gx, gw, gb = torch.ops.salcompile.area_linear_backward(
-            grad, x, area, weight, feedback, ctx.has_bias, *ctx.params, need_x, need_w or need_fb,
+        gx, gw, gb = fast.call(
+            ctx, torch.ops.salcompile.area_linear_backward, grad, x, area, weight, feedback, ctx.has_bias, *ctx.params, need_x, need_w or need_fb,
             need_b)
     return (gx if need_x else None, None, torch.zeros_like(anchor), gw if need_w else None,
             gb if need_b else None, kp_grad(need_fb, gw), None, None, None, None)
@@ -439,8 +440,8 @@ def _conv_backward(ctx, grad):
     need_x, need_w, need_b, need_fb = _needs(ctx)
     gx = gw = gb = None
     if need_x or need_w or need_b or need_fb:
-        gx, gw, gb = torch.ops.salcompile.area_conv_backward(
-            grad.contiguous(), x, area, weight, feedback, *ctx.params, need_x, need_w or need_fb,
+        gx, gw, gb = fast.call(
+            ctx, torch.ops.salcompile.area_conv_backward, grad.contiguous(), x, area, weight, feedback, *ctx.params, need_x, need_w or need_fb,
             need_b)
     return (gx if need_x else None, None, torch.zeros_like(anchor), gw if need_w else None,
             gb if need_b else None, kp_grad(need_fb, gw)) + (None,) * 8

@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .areas import _bias_shape, check_mode
-from .fa import _TINY, _fresh, kp_grad
+from . import fast
+from .fa import _TINY, _fresh, fixed_value, kp_grad
+from .gate import area_counts
 
 # Tests set this to exercise the per-area loop on dtypes grouped_mm would take.
 FORCE_LOOP = False
@@ -46,10 +48,8 @@ def region_sort(area: Tensor, areas: int) -> Tuple[Tensor, Tensor, Tensor]:
     """area [...] int64 → (order [R] int64: stable sort of the flattened rows by area,
     sorted_area [R] int64: area of each sorted row, offs [K] int32: cumulative row counts)."""
     rows = area.reshape(-1)
-    order = torch.argsort(rows, stable=True)
-    counts = torch.zeros(areas, dtype=torch.int64, device=rows.device).scatter_add_(
-        0, rows, torch.ones_like(rows))
-    return order, rows.index_select(0, order), counts.cumsum(0).to(torch.int32)
+    sorted_area, order = torch.sort(rows, stable=True)
+    return order, sorted_area, area_counts(rows, areas).cumsum(0).to(torch.int32)
 
 
 @region_sort.register_fake
@@ -99,10 +99,10 @@ def _save_order(ctx, inputs, output):
 
 
 sort_rows.register_autograd(
-    lambda ctx, g: (unsort_rows(g.contiguous(), ctx.saved_tensors[0]), None),
+    lambda ctx, g: (fast.call(ctx, unsort_rows, g.contiguous(), ctx.saved_tensors[0]), None),
     setup_context=_save_order)
 unsort_rows.register_autograd(
-    lambda ctx, g: (sort_rows(g.contiguous(), ctx.saved_tensors[0]), None),
+    lambda ctx, g: (fast.call(ctx, sort_rows, g.contiguous(), ctx.saved_tensors[0]), None),
     setup_context=_save_order)
 
 
@@ -146,12 +146,12 @@ def _save_blocks(ctx, inputs, output):
 
 
 gather_blocks.register_autograd(
-    lambda ctx, g: (scatter_blocks(g.contiguous(), *ctx.saved_tensors, ctx.areas), None, None,
-                    None),
+    lambda ctx, g: (fast.call(ctx, scatter_blocks, g.contiguous(), *ctx.saved_tensors,
+                              ctx.areas), None, None, None),
     setup_context=_save_blocks)
 scatter_blocks.register_autograd(
-    lambda ctx, g: (gather_blocks(g.contiguous(), *ctx.saved_tensors, ctx.areas), None, None,
-                    None),
+    lambda ctx, g: (fast.call(ctx, gather_blocks, g.contiguous(), *ctx.saved_tensors,
+                              ctx.areas), None, None, None),
     setup_context=_save_blocks)
 
 
@@ -283,6 +283,37 @@ def _row_bias(bias: Tensor, area: Tensor, areas: int, mode: str) -> Tensor:
     return bias.reshape(areas, -1).index_select(0, area)
 
 
+# ---------------------------------------------------------------- few rows: per-row weight blocks
+# With few rows per area (a paper-scale batch of 16 over 16 areas), a grouped matmul is K tiny
+# matmuls (or, where grouped_mm does not apply, a host sync and a Python loop): gathering each
+# row's own weight block and running one batched matmul is 2-4x cheaper. The same products and
+# sums, in another order (float rounding only). Chosen by shape, inside the opaque ops.
+SMALL_ROWS_PER_AREA = 4          # rows <= this x areas (measured: 2-4x faster up to here) ...
+SMALL_GATHER_ELEMENTS = 1 << 20  # ... and rows x block size <= this (the gathered blocks' size)
+
+
+def _few_rows(rows: int, areas: int, block: Tensor) -> bool:
+    return 0 < rows <= SMALL_ROWS_PER_AREA * areas and \
+        rows * block.shape[-1] * block.shape[-2] <= SMALL_GATHER_ELEMENTS
+
+
+def _segment_sum(values: Tensor, area: Tensor, areas: int) -> Tensor:
+    """[R, ...] rows → [K, ...]: the sum of each area's rows (0 for an empty area)."""
+    return values.new_zeros((areas,) + tuple(values.shape[1:])).index_add_(0, area, values)
+
+
+def _block_norms(blocks: Tensor) -> Tensor:
+    """[K, o, i] → [K] Frobenius norms. Contiguous first: reducing strided block views in place
+    is 2-3x slower than copying them."""
+    return torch.linalg.vector_norm(blocks.contiguous(), dim=(1, 2))
+
+
+def _fixed_block_norms(feedback: Tensor, blocks: Tensor) -> Tensor:
+    """_block_norms of a fixed feedback tensor's blocks, computed once per version of it."""
+    return fixed_value(feedback, ("blocks", blocks.shape, blocks.stride(),
+                                  blocks.storage_offset()), lambda: _block_norms(blocks))
+
+
 # ---------------------------------------------------------------- compact linear
 @torch.library.custom_op("salcompile::compact_linear", mutates_args=())
 def compact_linear(x: Tensor, area: Tensor, anchor: Tensor, weight: Tensor,
@@ -292,7 +323,17 @@ def compact_linear(x: Tensor, area: Tensor, anchor: Tensor, weight: Tensor,
     o = N/K (partition: the row's own output block) or N (replicate, dense)."""
     o = _check(x, area, weight, bias, feedback, areas, mode, input_block)
     x2 = _rows(x)
-    y = _mm_rows(x2, _stack(weight, areas, mode, input_block).transpose(1, 2), offs)
+    wk = _stack(weight, areas, mode, input_block)
+    if _few_rows(x2.shape[0], areas, wk):
+        # [R, 1, i] x [R, i, o] (each row's block, transposed): CPU's batched matrix-vector
+        # product in the other orientation is ~3x slower
+        wr = wk.index_select(0, area).transpose(1, 2)
+        if bias is not None:
+            y = torch.baddbmm(_row_bias(bias, area, areas, mode).unsqueeze(-2), x2.unsqueeze(1), wr)
+        else:
+            y = torch.bmm(x2.unsqueeze(1), wr)
+        return _fresh(y.reshape(x.shape[:-1] + (o,)))
+    y = _mm_rows(x2, wk.transpose(1, 2), offs)
     if bias is not None:
         y.add_(_row_bias(bias, area, areas, mode))   # y is fresh: no extra [rows, o] buffer
     return _fresh(y.contiguous().reshape(x.shape[:-1] + (o,)))
@@ -313,21 +354,28 @@ def compact_linear_backward(grad: Tensor, x: Tensor, area: Tensor, offs: Tensor,
     g2 = _rows(grad).contiguous()
     x2 = _rows(x)
     gx = gw = gb = None
+    wk = _stack(weight, areas, mode, input_block)
+    few = _few_rows(g2.shape[0], areas, wk)
     if need_x:
-        wk = _stack(weight, areas, mode, input_block)
         bk = wk if feedback is None else _stack(feedback, areas, mode, input_block)
-        gx = _mm_rows(g2, bk, offs)
+        if few:
+            gx = torch.bmm(g2.unsqueeze(1), bk.index_select(0, area)).reshape(x2.shape)
+        else:
+            gx = _mm_rows(g2, bk, offs)
         if feedback is not None and match_norm:
-            # per-area ‖W_k‖/‖B_k‖ (fa.rescale); contiguous first: reducing the strided block
-            # views in place is 2-3x slower than copying them
-            scale = torch.linalg.vector_norm(wk.contiguous(), dim=(1, 2)) / \
-                torch.linalg.vector_norm(bk.contiguous(), dim=(1, 2)).clamp_min(_TINY)
+            # per-area ‖W_k‖/‖B_k‖ (fa.rescale); ‖B_k‖ of a fixed B is computed once per version
+            scale = _block_norms(wk) / _fixed_block_norms(feedback, bk).clamp_min(_TINY)
             gx.mul_(scale.to(gx.dtype).index_select(0, area).unsqueeze(1))
         gx = gx.reshape(x.shape)
     if need_w:
-        gw = _unstack(_mm_groups(g2.t(), x2, offs), weight, areas, mode, input_block)
+        gk = _segment_sum(g2.unsqueeze(2) * x2.unsqueeze(1), area, areas) if few else \
+            _mm_groups(g2.t(), x2, offs)
+        gw = _unstack(gk, weight, areas, mode, input_block)
     if need_b and has_bias:
-        if mode == "dense":   # column sums as a matrix-vector product (faster than sum(0))
+        if few and mode != "dense":
+            gb = _segment_sum(g2, area, areas)
+            gb = gb.reshape(-1) if mode == "partition" else gb
+        elif mode == "dense":   # column sums as a matrix-vector product (faster than sum(0))
             gb = g2.new_ones(1, g2.shape[0]).mm(g2).reshape(-1)
         else:   # per-area column sums of the sorted rows: one grouped matmul with a ones column
             ones = g2.new_ones(g2.shape[0], max(1, 16 // g2.element_size()))
@@ -361,7 +409,8 @@ def _compact_backward(ctx, grad):
     need_b = need_b and ctx.has_bias
     gx = gw = gb = None
     if need_x or need_w or need_b or need_fb:
-        gx, gw, gb = torch.ops.salcompile.compact_linear_backward(
+        gx, gw, gb = fast.call(
+            ctx, torch.ops.salcompile.compact_linear_backward,
             grad, x, area, offs, weight, feedback, ctx.has_bias, *ctx.params, need_x,
             need_w or need_fb, need_b)
     return (gx if need_x else None, None, torch.zeros_like(anchor), gw if need_w else None,

@@ -9,6 +9,7 @@ gradient; a fixed B (a buffer, or a detached derived operand) receives nothing.
 """
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional
 
 import torch
@@ -30,13 +31,39 @@ def kp_grad(needs: bool, grad_weight: Optional[Tensor]) -> Optional[Tensor]:
     return grad_weight.clone() if needs and grad_weight is not None else None
 
 
+# id(tensor) -> (weakref to it, its version, a cache key, the value): norms of fixed feedback
+# tensors (FA's B is a buffer: the same between steps). An in-place change (copy_,
+# load_state_dict, an optimizer step on a trainable B) bumps the version and recomputes.
+_FIXED: dict = {}
+
+
+def fixed_value(t: Tensor, key, compute):
+    """compute() for a function of t alone that stays valid while t is unchanged in place; cached
+    for plain tensors that do not require grad (anything else: computed every time)."""
+    C = torch._C
+    if t.requires_grad or (type(t) is not Tensor and type(t) is not torch.nn.Parameter) or \
+            t.is_inference() or C._len_torch_dispatch_stack() or \
+            C._get_tracing_state() is not None or C._functorch.peek_interpreter_stack() is not None:
+        return compute()   # traced (the value must stay a computation), or no version counter
+    full = (id(t), key)
+    hit = _FIXED.get(full)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    value = compute()
+    if len(_FIXED) > 512:
+        _FIXED.clear()
+    _FIXED[full] = (weakref.ref(t), t._version, value)
+    return value
+
+
 def rescale(grad_input: Tensor, feedback: Tensor, weight: Tensor, match_norm: bool) -> Tensor:
     """With match_norm, the input gradient computed with B becomes the one computed with
     B·‖W‖/‖B‖. The ops are linear in B, so the scalar is applied to the (smaller) gradient
-    instead of to a rescaled copy of B."""
+    instead of to a rescaled copy of B. ‖B‖ of a fixed B is computed once per version."""
     if not match_norm:
         return grad_input
-    return grad_input * (weight.norm() / feedback.norm().clamp_min(_TINY))
+    b_norm = fixed_value(feedback, "norm", lambda: feedback.norm().clamp_min(_TINY))
+    return grad_input * (weight.norm() / b_norm)
 
 
 # ---------------------------------------------------------------- linear: y = x Wᵀ + b

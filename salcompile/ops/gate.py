@@ -63,8 +63,12 @@ def _(counts):
     return counts.new_empty(counts.shape[0] + 1)
 
 
+_ROUTE_COUNTS = global_route_counts   # the op itself (tests stand in for it with fixed statistics)
+
+
 def route(features: Tensor, proj: Tensor, prototypes: Tensor) -> Tensor:
-    z = F.normalize(features.to(proj.dtype).matmul(proj.t()), dim=-1, eps=_TINY)
+    u = features.to(proj.dtype).matmul(proj.t())
+    z = u / u.norm(dim=-1, keepdim=True).clamp_min(_TINY)   # F.normalize, one op fewer
     return z.matmul(prototypes.t()).argmax(-1)
 
 
@@ -86,25 +90,51 @@ def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Te
 
     Under a process group (see the module docstring) it is world/N_global times the sum over this
     process's rows, with f_k the whole group's fractions: the group's mean of it is dL_local/dP
-    of the concatenated batch."""
+    of the concatenated batch.
+
+    One winner per row and one process (the paper's setting) take the short way to the same
+    statistics (f_k = counts/N, N rows, no float64 round trip: the same float values) and
+    `p - onehot` is one indexed subtraction; the rest is shared, so a world of one gives the
+    one-process numbers bit for bit."""
     u = features.matmul(proj.t())
-    n = u.norm(dim=-1, keepdim=True).clamp_min(_TINY)
+    n = u.norm(dim=-1, keepdim=True).clamp_min_(_TINY)
     z = u / n
     k = prototypes.shape[0]
-    p = torch.softmax(z.matmul(prototypes.t()) / temperature, dim=-1)
-    hot = F.one_hot(area, k).to(p.dtype)   # [N, K], or [N, choices, K] under top-k routing
-    choices = hot.shape[1] if hot.dim() == 3 else 1
-    counts = hot.sum((0, 1) if hot.dim() == 3 else 0, dtype=torch.float64)   # selections
-    y = hot.sum(1) / choices if hot.dim() == 3 else hot
-    stats = global_route_counts(counts)  # [counts over the group, world]
-    total = stats[:-1].sum().clamp_min(1)
-    frac = (stats[:-1] / total).to(p.dtype)
-    rows = total / stats[-1] / choices   # N_global / world (= N for one process)
-    # d/ds of CE (p - y) and of the balance term α·K·Σ_k f_k p_k (softmax Jacobian applied to f).
-    gs = (p - y + balance_weight * k * p * (frac - (p * frac).sum(-1, keepdim=True))) / rows
-    gz = gs.matmul(prototypes) / temperature
-    gu = (gz - z * (z * gz).sum(-1, keepdim=True)) / n
+    p = torch.softmax(z.matmul(prototypes.t()).div_(temperature), dim=-1)
+    topk = area.dim() == 2   # [N, choices] under top-k routing
+    if not topk and global_route_counts is _ROUTE_COUNTS and sync_group() is None:
+        rows = area.shape[0]
+        frac = area_counts(area, k).to(p.dtype).div_(max(rows, 1))
+    else:
+        hot = F.one_hot(area, k).to(p.dtype)   # [N, K], or [N, choices, K]
+        choices = hot.shape[1] if topk else 1
+        counts = hot.sum((0, 1) if topk else 0, dtype=torch.float64)   # selections
+        stats = global_route_counts(counts)  # [counts over the group, world]
+        total = stats[:-1].sum().clamp_min(1)
+        frac = (stats[:-1] / total).to(p.dtype)
+        rows = total / stats[-1] / choices   # N_global / world (= N for one process)
+    # d/ds of CE (p - y) and of the balance term α·K·Σ_k f_k p_k (softmax Jacobian applied to f)
+    gs = (frac - p.matmul(frac).unsqueeze(-1)).mul_(balance_weight * k).add_(1).mul_(p)
+    if topk:
+        gs.sub_(hot.sum(1) / choices)   # y: the k winners' mean one-hot
+    else:
+        m = area.shape[0]
+        gs.view(-1).index_add_(0, torch.arange(0, m * k, k, device=area.device) + area,
+                               gs.new_full((m,), -1.0))
+    gz = gs.matmul(prototypes).div_(rows * temperature)
+    gu = gz.sub_(z * (z * gz).sum(-1, keepdim=True)).div_(n)
     return gu.t().matmul(features)
+
+
+def area_counts(area: Tensor, k: int) -> Tensor:
+    """int64 [k]: rows per area of a flat area tensor, on device (CUDA's bincount syncs with the
+    host to size its output, and its size depends on the data where the graph is traced;
+    scatter_add_ has neither problem)."""
+    if area.device.type == "cpu" and type(area) is torch.Tensor and \
+            not torch._C._len_torch_dispatch_stack():
+        return torch.bincount(area, minlength=k)
+    return torch.zeros(k, dtype=torch.int64, device=area.device).scatter_add_(
+        0, area, torch.ones_like(area))
 
 
 def _gate_setup(ctx, inputs, output):
