@@ -228,6 +228,12 @@ def _route(features, proj, prototypes, temperature, balance_weight):
     return route(features, proj, prototypes), proj.new_zeros(())
 
 
+def _route_topk(features, proj, prototypes, temperature, balance_weight, k):
+    """The top-k gate's forward: (each row's k best areas, the zero anchor)."""
+    from .ops.gate import route_topk
+    return route_topk(features, proj, prototypes, k), proj.new_zeros(())
+
+
 def _decompositions() -> Dict[Any, Any]:
     """Each salcompile custom op met while tracing -> an aten form of its forward. The backward
     formulas registered with autograd run above this level and are traced op by op."""
@@ -243,6 +249,7 @@ def _decompositions() -> Dict[Any, Any]:
                                                                             else (x, w))),
         s.dfa_output.default: lambda out, taps, fb: out.clone(),
         s.region_gate.default: _route,
+        s.region_gate_topk.default: _route_topk,
         s.global_route_counts.default: lambda c: torch.cat([c, c.new_ones(1)]),
         aten.convolution_backward.default: _conv_backward,
         aten.one_hot.default: lambda t, n=-1: (t.unsqueeze(-1) == torch.arange(
