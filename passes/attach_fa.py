@@ -26,7 +26,7 @@ from salcompile import feedback as rules
 from salcompile.config import SALConfig
 from salcompile.errors import SalcompileError
 from salcompile.feedback_init import draw_uniform, fan_in
-from salcompile.layers import LayerSpec, WeightTracer
+from salcompile.layers import LayerSpec, WeightTracer, get_arg, set_args
 
 from ._buffers import register_beside
 
@@ -77,9 +77,7 @@ def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SAL
                 entry.parts = [p.name for p in spec.parts]
                 continue
             if spec.area:  # an area op: fill its feedback slot and per-area norm matching
-                args = list(node.args)
-                args[5], args[-1] = b_operand, match
-                node.args = tuple(args)
+                set_args(node, feedback=b_operand, match_norm=match)
                 continue
             if spec.kind == "linear":
                 new = g.call_function(ops.fa_linear.default, (spec.x, spec.weight, spec.bias,
@@ -112,7 +110,7 @@ def _attach_parts(g: fx.Graph, spec: LayerSpec, b_operand: fx.Node, match: bool)
     """The pieces passes/split_shared_path.py made of one layer: area ops get their feedback
     slot filled, plain linears become fa_linear; each with B sliced as its W is."""
     for i, part in enumerate(spec.parts):
-        w = part.args[3] if part.target is not torch.ops.aten.linear.default else part.args[1]
+        w = get_arg(part, "weight")
         with g.inserting_before(part):
             b = _mirror_slices(g, spec.weight, w, b_operand)
             if part.target is torch.ops.aten.linear.default:
@@ -123,9 +121,7 @@ def _attach_parts(g: fx.Graph, spec: LayerSpec, b_operand: fx.Node, match: bool)
                 g.erase_node(part)
                 spec.parts[i] = new
             else:
-                args = list(part.args)
-                args[5], args[-1] = b, match
-                part.args = tuple(args)
+                set_args(part, feedback=b, match_norm=match)
 
 
 def _mirror_slices(g: fx.Graph, root: fx.Node, w: fx.Node, b: fx.Node) -> fx.Node:

@@ -10,6 +10,8 @@ import warnings
 import torch
 import torch.fx as fx
 
+from salcompile.layers import get_arg, set_args
+
 aten = torch.ops.aten
 ops = torch.ops.salcompile
 
@@ -29,9 +31,9 @@ def strip_feedback(graph: fx.Graph) -> fx.Graph:
     for node in list(g.nodes):
         t = node.target
         new = None
-        if _is_area_op(t) and node.args[5] is not None:  # area ops: empty the feedback slot
-            feedback_nodes.append(node.args[5])
-            node.args = node.args[:5] + (None,) + node.args[6:-1] + (False,)
+        if _is_area_op(t) and get_arg(node, "feedback") is not None:   # empty the feedback slot
+            feedback_nodes.append(get_arg(node, "feedback"))
+            set_args(node, feedback=None, match_norm=False)
             continue
         with g.inserting_before(node):
             if t is ops.fa_linear.default:
@@ -62,7 +64,7 @@ def strip_feedback(graph: fx.Graph) -> fx.Graph:
                 g.erase_node(node)
                 continue
         if new is not None:
-            feedback_nodes.append(node.args[2] if t is ops.fa_matmul.default else node.args[3])
+            feedback_nodes.append(get_arg(node, "feedback"))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             g.erase_node(node)

@@ -11,6 +11,7 @@ graph; nothing changes it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import inspect
 import operator
 from typing import Any, Dict, List, Optional, Set
 
@@ -113,6 +114,33 @@ def bind(node: fx.Node) -> Dict[str, Any]:
         elif a.has_default_value():
             out[a.name] = a.default_value
     return out
+
+
+def arg_names(target) -> List[str]:
+    """Parameter names of a call target: an OpOverload's schema, else its Python signature (the
+    masked-dense reference ops are plain functions with the same names as their custom ops)."""
+    if isinstance(target, torch._ops.OpOverload):
+        return [a.name for a in target._schema.arguments]
+    return list(inspect.signature(target).parameters)
+
+
+def get_arg(node: fx.Node, name: str) -> Any:
+    """A call's argument by its parameter name (positional or keyword)."""
+    i = arg_names(node.target).index(name)
+    return node.args[i] if i < len(node.args) else node.kwargs.get(name)
+
+
+def set_args(node: fx.Node, **values: Any) -> None:
+    """Set a call's arguments by parameter name: passes edit ops by name, never by position."""
+    names = arg_names(node.target)
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name, value in values.items():
+        i = names.index(name)
+        if i < len(args):
+            args[i] = value
+        else:
+            kwargs[name] = value
+    node.args, node.kwargs = tuple(args), kwargs
 
 
 def param_names(gm: fx.GraphModule) -> Dict[str, torch.nn.Parameter]:
