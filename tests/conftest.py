@@ -141,6 +141,29 @@ class BNCNN(nn.Module):
         return self.fc(torch.relu(self.c2(h)).flatten(1))
 
 
+def assert_train_step_matches_sgd(sal, x, y, path, steps=3, lr=0.1):
+    """export_train_step's graph run `steps` times by a TrainStepSession ends with the parameters
+    torch.optim.SGD gives on a copy of `sal` (cross-entropy, the same batch every step)."""
+    import copy
+    import numpy as np
+    import salcompile
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    salcompile.export_train_step(sal, (x,), path, optimizer="sgd", lr=lr)
+    sess = salcompile.TrainStepSession(path, sal)
+    ref = copy.deepcopy(sal)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        opt.step()
+        sess.step(x, y)
+    trained = sess.state_dict()
+    for n, p in ref.named_parameters():
+        np.testing.assert_allclose(np.asarray(trained[n]), p.detach().numpy(), rtol=1e-4,
+                                   atol=1e-6, err_msg=n)
+
+
 def pytest_configure(config):
     # `slow`: the tests that compile or export real models (tests/test_hf_models.py, d and e).
     # They run by default, CI included; `pytest -m "not slow"` leaves them out of a quick loop.

@@ -1,7 +1,6 @@
 """Feedback rules of the registry (salcompile/feedback/): uSF, brSF, frSF, Kolen-Pollack beside
 FA/DFA/BP. Oracles: a rule whose B equals W by construction equals backprop; KP's B gradient is
 W's; every rule survives areas, fused regions, compile, save/load and the exporters."""
-import copy
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import salcompile
+from conftest import assert_train_step_matches_sgd
 from salcompile import feedback, metrics
 from salcompile.config import FEEDBACK_MODES
 from salcompile.errors import SalcompileError
@@ -333,23 +333,8 @@ def test_ort_training_refuses_kp_and_says_what_to_do(tmp_path):
 
 @pytest.mark.parametrize("rule", ["usf", "frsf", "kp"])
 def test_train_step_export_equals_torch_sgd(tmp_path, rule):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
     sal, x, y = _mlp(rule, dtype=torch.float32, areas=1)
-    path = tmp_path / "step.onnx"
-    salcompile.export_train_step(sal, (x,), path, optimizer="sgd", lr=0.1)
-    sess = salcompile.TrainStepSession(path, sal.state_dict())
-    ref = copy.deepcopy(sal)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
-        opt.step()
-        sess.step(x, y)
-    trained = sess.state_dict()
-    for n, p in ref.named_parameters():
-        np.testing.assert_allclose(np.asarray(trained[n]), p.detach().numpy(), rtol=1e-4,
-                                   atol=1e-6, err_msg=n)
+    assert_train_step_matches_sgd(sal, x, y, tmp_path / "step.onnx")
 
 
 def test_layer_ops_pass_opcheck_with_a_trainable_feedback():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import salcompile
+from conftest import assert_train_step_matches_sgd
 from salcompile.errors import SalcompileError
 from salcompile.models import MLP
 from passes.split_shared_path import shared_width
@@ -154,20 +155,5 @@ def test_save_load_and_compile(tmp_path):
 
 
 def test_train_step_graph_equals_torch_sgd(tmp_path):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    import copy
     sal, _, x, y = _build(dtype=torch.float32, areas=4, shared_fraction=0.5)
-    salcompile.export_train_step(sal, (x,), tmp_path / "s.onnx", optimizer="sgd", lr=0.1)
-    sess = salcompile.TrainStepSession(tmp_path / "s.onnx", sal)
-    ref = copy.deepcopy(sal)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
-        opt.step()
-        sess.step(x, y)
-    trained = sess.state_dict()
-    for n, p in ref.named_parameters():
-        np.testing.assert_allclose(np.asarray(trained[n]), p.detach().numpy(), rtol=1e-4,
-                                   atol=1e-6, err_msg=n)
+    assert_train_step_matches_sgd(sal, x, y, tmp_path / "s.onnx")
