@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import salcompile  # noqa: E402
 from salcompile.files import atomic_write_text  # noqa: E402
 from salcompile.models import MLP  # noqa: E402
-from salcompile.ort_training import export_ort_training  # noqa: E402
+from salcompile.onnx import export_ort_training  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -12,10 +12,7 @@ from .module import SALModule, feedback_matrices
 from .pipeline import plan, transform
 from .archive import load, save
 from .routing import reset_routing_stats, routing_stats
-from .onnx_export import export_onnx
-from .ort_training import export_ort_training
-from .train_step_export import export_train_step
-from .train_step_session import TrainStepSession
+from .onnx import TrainStepSession, export_onnx, export_ort_training, export_train_step
 from . import distributed, metrics
 
 __version__ = "0.1.0"

@@ -580,12 +580,12 @@ def _export(args) -> int:
             raise _need_shape(str(args.input))
         example = _retype(example, args, sal)
     if args.to == "onnx":
-        from .onnx_export import export_onnx
+        from .onnx import export_onnx
         with _progress(f"exporting {args.input} to ONNX", "onnx"):
             export_onnx(sal, example, args.output, opset=args.opset, force=args.force)
         print(f"wrote {args.output}  (onnxruntime.InferenceSession({str(args.output)!r}))")
     elif args.to == "ort-training":
-        from .ort_training import export_ort_training
+        from .onnx import export_ort_training
         with _progress(f"exporting {args.input} to ONNX Runtime training artifacts",
                        "ort-training"):
             export_ort_training(sal, example, args.output, loss=args.loss,
@@ -593,7 +593,7 @@ def _export(args) -> int:
         print(f"wrote ONNX Runtime training artifacts to {args.output}  "
               "(onnxruntime.training.api: CheckpointState, Module, Optimizer)")
     else:
-        from .train_step_export import export_train_step
+        from .onnx import export_train_step
         with _progress(f"exporting {args.input} as one ONNX train-step graph "
                        "(forward, FA/DFA backward and the optimizer written out)", "train-step"):
             export_train_step(sal, example, args.output, loss=args.loss,

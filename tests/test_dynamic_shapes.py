@@ -221,7 +221,7 @@ def test_onnx_export_takes_other_sequence_lengths_and_keeps_fixed_dims(tmp_path)
 
 def test_onnx_export_falls_back_to_the_batch_with_a_warning(tmp_path, monkeypatch):
     pytest.importorskip("onnxscript")
-    from salcompile import onnx_export
+    from salcompile.onnx import common as onnx_export
     real = onnx_export.dynamo_export
 
     def refuses_dynamic_sequences(gm, args, dynamic_shapes, who, *rest):
@@ -270,7 +270,7 @@ def test_export_onnx_error_carries_the_exporters_real_cause(tmp_path):
 
 
 def test_exporter_error_reads_the_cause_chain():
-    from salcompile.onnx_export import exporter_error, failure_cause
+    from salcompile.onnx.common import exporter_error, failure_cause
     try:
         try:
             try:

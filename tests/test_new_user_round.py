@@ -282,7 +282,7 @@ def test_ort_trained_weights_load_back_into_torch(tmp_path):
     pytest.importorskip("onnxruntime.training")
     from onnxruntime.training import api
     from salcompile.models import MLP
-    from salcompile.ort_training import load_ort_checkpoint
+    from salcompile.onnx import load_ort_checkpoint
     torch.manual_seed(0)
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     sal = salcompile.transform(MLP(6, 16, 3), (x,), areas=4)

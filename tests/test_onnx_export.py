@@ -13,7 +13,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
-from salcompile.onnx_export import export_onnx, inference_graph  # noqa: E402
+from salcompile.onnx import export_onnx, inference_graph  # noqa: E402
 from conftest import BNCNN  # noqa: E402
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 api = pytest.importorskip("onnxruntime.training.api")
 
-from salcompile.ort_training import ARTIFACTS, export_ort_training  # noqa: E402
+from salcompile.onnx.ort_artifacts import ARTIFACTS, export_ort_training  # noqa: E402
 from conftest import BNCNN  # noqa: E402
 
 
@@ -380,7 +380,7 @@ def test_unsupported_configurations(tmp_path):
 
 
 def test_unknown_ops_say_to_use_reference_area_ops(tmp_path, monkeypatch):
-    import salcompile.ort_training as ot
+    import salcompile.onnx.ort_artifacts as ot
 
     def no_form(sal):
         raise SalcompileError("export_onnx: no ONNX form for salcompile.fancy_region.default.")
@@ -431,7 +431,7 @@ def test_max_pool_cnn_trains_in_ort_with_the_torch_gradients(tmp_path):
 
 
 def test_a_failed_export_leaves_no_empty_directory(tmp_path, monkeypatch):
-    import salcompile.ort_training as ot
+    import salcompile.onnx.ort_artifacts as ot
     sal, x = _mlp()
 
     def fail(*a, **k):   # a failure after the output directory was made

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .errors import SalcompileError
+from ..errors import SalcompileError
 
 aten = torch.ops.aten
 WHO = "export_train_step"
@@ -27,9 +27,9 @@ _WHO = WHO
 def _trainable_graph(sal) -> fx.GraphModule:
     """A copy of `sal` (sharing its parameters) whose graph make_fx can trace in training mode:
     no routing counters, no finite checks, masked-dense area ops."""
-    from .ops import areas as area_ops
+    from ..ops import areas as area_ops
     s = torch.ops.salcompile
-    from .passes.fuse_regions import unfuse_regions
+    from ..passes.fuse_regions import unfuse_regions
     g = unfuse_regions(sal.graph)   # a copy; fused regions back to one area op per layer
     swap = {s.area_linear.default: area_ops.area_linear_reference,
             s.area_conv.default: area_ops.area_conv_reference}
@@ -224,20 +224,20 @@ def _inline_batch_norm(g: fx.Graph, node: fx.Node, mod) -> None:
 
 def _route(features, proj, prototypes, temperature, balance_weight):
     """The gate's forward: (argmax areas, the zero anchor)."""
-    from .ops.gate import route
+    from ..ops.gate import route
     return route(features, proj, prototypes), proj.new_zeros(())
 
 
 def _route_topk(features, proj, prototypes, temperature, balance_weight, k):
     """The top-k gate's forward: (each row's k best areas, the zero anchor)."""
-    from .ops.gate import route_topk
+    from ..ops.gate import route_topk
     return route_topk(features, proj, prototypes, k), proj.new_zeros(())
 
 
 def _decompositions() -> Dict[Any, Any]:
     """Each salcompile custom op met while tracing -> an aten form of its forward. The backward
     formulas registered with autograd run above this level and are traced op by op."""
-    from .ops.fa import _conv_forward
+    from ..ops.fa import _conv_forward
     s = torch.ops.salcompile
     return {
         s.fa_linear.default: lambda x, w, b, fb, mn: F.linear(x, w, b),

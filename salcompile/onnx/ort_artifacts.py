@@ -57,14 +57,15 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from . import feedback as feedback_rules
-from .errors import SalcompileError
-from .files import check_output_dir
-from .module import SALModule, feedback_tensor, require_sal
+from .. import feedback as feedback_rules
+from ..errors import SalcompileError
+from ..files import check_output_dir
+from ..module import SALModule, feedback_tensor, require_sal
 from .train_step_graph import _batch_norm   # batch statistics in plain ops
-from .onnx_export import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
-                          _first_line, _require_onnx, check_training_choices, export_graph,
-                          failure_cause, inference_graph)
+from .common import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
+                     _first_line, _require_onnx, check_training_choices, export_graph,
+                     failure_cause)
+from .inference import inference_graph
 
 ARTIFACTS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 WHO = "export_ort_training"
@@ -155,7 +156,7 @@ def _training_graph(sal) -> Tuple[fx.GraphModule, List[Tuple[str, str]], List[Di
     """(the train-mode forward in aten ops with markers, [(tap marker index -> D buffer)],
     [gate info]). Works on a copy of the module's graph; parameters are shared."""
     s = torch.ops.salcompile
-    from .passes.fuse_regions import unfuse_regions
+    from ..passes.fuse_regions import unfuse_regions
     g = unfuse_regions(sal.graph)   # a copy; fused regions back to one area op per layer
     mark = torch.ops.salcompile_ort.mark.default
     # 1. train mode: batch norm / dropout flags -> True; the step counter is not ORT's business
@@ -368,7 +369,7 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir,
     "dfa_taps": taps given e·D, "gates": gate projections given their local rule}.
     """
     sal = require_sal(module)
-    from .onnx_export import refuse_training_export
+    from .common import refuse_training_export
     refuse_training_export(sal, "export_ort_training")
     _check_supported(sal, loss, optimizer)
     _require_onnx(WHO)

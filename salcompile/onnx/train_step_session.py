@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import SalcompileError
+from ..errors import SalcompileError
 
 # The graph's naming convention (export_train_step writes it, this class reads it).
 NEW = ".new"          # output name of an updated input: `fc1.weight.new`
@@ -39,7 +39,7 @@ def _weights(params) -> Mapping[str, Any]:
     if hasattr(params, "state_dict"):
         return params.state_dict()
     if isinstance(params, (str, os.PathLike)):
-        from .archive import load
+        from ..archive import load
         return load(params).state_dict()
     raise SalcompileError(f"TrainStepSession: params must be a state_dict, the transformed module "
                           f"or the path of its archive, got {type(params).__name__}.")

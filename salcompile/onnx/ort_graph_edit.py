@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from .errors import SalcompileError
+from ..errors import SalcompileError
 
 MARK_DOMAIN = "salcompile.ort"
 TINY = 1e-12

@@ -38,17 +38,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import SalcompileError
-from .files import atomic_write, check_output
-from .module import require_sal
+from ..errors import SalcompileError
+from ..files import atomic_write, check_output
+from ..module import require_sal
 from .train_step_graph import WHO as _WHO
 from .train_step_graph import _decompositions, _loss, _Optimizer, _trainable_graph
 from .ort_graph_edit import cast_like_to_cast
 from .train_step_session import LOSS, NEW, STEP
-from .validate import Num, check, flag
-from .onnx_export import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
-                          _first_line, _require_onnx, check_training_choices, dynamo_export,
-                          failure_cause)
+from ..validate import Num, check, flag
+from .common import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
+                     _first_line, _require_onnx, check_training_choices, dynamo_export,
+                     failure_cause)
 
 TARGET = "target"
 
@@ -306,7 +306,7 @@ def export_train_step(module, example_inputs: Tuple[Any, ...], path, loss: str =
     Returns {"path", "inputs", "outputs", "parameters", "state", "constants"}.
     """
     sal = require_sal(module)
-    from .onnx_export import refuse_training_export
+    from .common import refuse_training_export
     refuse_training_export(sal, "export_train_step")
     check_training_choices(_WHO, loss, optimizer)
     _check_arguments(lr, weight_decay, betas, eps, momentum, nesterov, dynamic_batch, force)
