@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from salcompile.layers import get_arg, set_args
+from salcompile.ops.plain import plain_call
 
 aten = torch.ops.aten
 ops = torch.ops.salcompile
@@ -35,23 +36,14 @@ def strip_feedback(graph: fx.Graph) -> fx.Graph:
             feedback_nodes.append(get_arg(node, "feedback"))
             set_args(node, feedback=None, match_norm=False)
             continue
+        plain = plain_call(t, node.args, node.kwargs)   # salcompile/ops/plain.py
         with g.inserting_before(node):
-            if t is ops.fa_linear.default:
-                x, w, b, _, _ = node.args
-                new = g.call_function(aten.linear.default, (x, w, b))
-            elif t is ops.fa_conv.default:
-                x, w, b, _, stride, padding, dilation, transposed, out_pad, groups, _ = node.args
-                new = g.call_function(aten.convolution.default, (
-                    x, w, b, stride, padding, dilation, transposed, out_pad, groups))
-            elif t is ops.fa_matmul.default:
-                x, w, _, weight_first, _ = node.args
-                new = g.call_function(aten.matmul.default, (w, x) if weight_first else (x, w))
+            if plain is not None:
+                new = g.call_function(*plain)
             elif t is ops.fa_grouped_mm.default:   # B = W: the op's own backward is backprop's
-                x, w, offs, _, _ = node.args
-                new = g.call_function(ops.fa_grouped_mm.default, (x, w, offs, w, False))
-            elif t is ops.fa_einsum.default:
-                eq, x, w, _, weight_first, _ = node.args
-                new = g.call_function(aten.einsum.default, (eq, [w, x] if weight_first else [x, w]))
+                feedback_nodes.append(get_arg(node, "feedback"))
+                set_args(node, feedback=get_arg(node, "weight"), match_norm=False)
+                continue
             elif t is ops.dfa_output.default:
                 y, taps, ds = node.args
                 feedback_nodes.extend(ds)

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from ..errors import SalcompileError
 from ..files import atomic_write, check_output
 from ..module import require_sal
+from ..layers import get_arg
+from ..ops.plain import plain_call
 from .common import _require_onnx, export_graph, name_graph
 
 aten = torch.ops.aten
@@ -102,6 +104,11 @@ def _onnx_anchor(proj):
 
 
 # ---------------------------------------------------------------- the rewrite
+def _pick(node: fx.Node, *names: str) -> tuple:
+    """The call's arguments `names`, by parameter name (positional or keyword)."""
+    return tuple(get_arg(node, n) for n in names)
+
+
 def _replace_value(node: fx.Node, value) -> None:
     """Replace every use of `node` by a plain Python value (e.g. False)."""
     for user in list(node.users):
@@ -143,36 +150,29 @@ def inference_graph(sal) -> fx.GraphModule:
             node.replace_all_uses_with(a[0])
             g.erase_node(node)
             continue
-        if t is s.fa_linear.default:
-            fn, args = aten.linear.default, tuple(a[:3])
-        elif t is s.fa_conv.default:
-            fn, args = aten.convolution.default, tuple(a[:3] + a[4:10])
-        elif t is s.fa_matmul.default:
-            fn, args = aten.matmul.default, (a[1], a[0]) if a[3] else (a[0], a[1])
-        elif t is s.fa_einsum.default:
-            fn, args = aten.einsum.default, (a[0], [a[2], a[1]] if a[4] else [a[1], a[2]])
+        plain = plain_call(t, node.args, node.kwargs)   # salcompile/ops/plain.py
+        if plain is not None:
+            fn, args = plain
         elif t is s.fa_grouped_mm.default:
-            fn, args = _onnx_grouped_mm, tuple(a[:3])
+            fn, args = _onnx_grouped_mm, _pick(node, "x", "weight", "offs")
         elif t is s.region_gate.default:
-            fn, args = _onnx_route, tuple(a[:3])
+            fn, args = _onnx_route, _pick(node, "features", "proj", "prototypes")
         elif t is s.region_gate_topk.default:
-            fn, args = _onnx_route_topk, tuple(a[:3]) + (a[5],)
+            fn, args = _onnx_route_topk, _pick(node, "features", "proj", "prototypes", "k")
         elif t in linear_targets:
-            x, area, _, w, b, _, areas, mode, input_block = a[:9]
-            fn, args = _onnx_area_linear, (x, area, w, b, areas, mode, input_block)
+            fn, args = _onnx_area_linear, _pick(node, "x", "area", "weight", "bias", "areas",
+                                                "mode", "input_block")
         elif t in conv_targets:
-            x, area, _, w, b, _, stride, padding, dilation, groups, areas, mode, input_block = a[:13]
-            fn, args = _onnx_area_conv, (x, area, w, b, stride, padding, dilation, groups, areas,
-                                         mode, input_block)
+            fn, args = _onnx_area_conv, _pick(node, "x", "area", "weight", "bias", "stride",
+                                              "padding", "dilation", "groups", "areas", "mode",
+                                              "input_block")
         if fn is None:
             continue
-        if node.kwargs:
-            raise SalcompileError(f"export_onnx: unexpected keyword arguments on {node.name}.")
         with g.inserting_before(node):
             new = g.call_function(fn, args)
             if t in (s.region_gate.default, s.region_gate_topk.default):
                 # (area, anchor) -> area; the anchor is a zero
-                anchor = g.call_function(_onnx_anchor, (a[1],))
+                anchor = g.call_function(_onnx_anchor, _pick(node, "proj"))
                 for user in list(node.users):
                     if user.target is not operator.getitem:
                         raise SalcompileError(f"export_onnx: unexpected use of region gate "

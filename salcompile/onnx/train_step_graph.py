@@ -237,16 +237,10 @@ def _route_topk(features, proj, prototypes, temperature, balance_weight, k):
 def _decompositions() -> Dict[Any, Any]:
     """Each salcompile custom op met while tracing -> an aten form of its forward. The backward
     formulas registered with autograd run above this level and are traced op by op."""
-    from ..ops.fa import _conv_forward
+    from ..ops.plain import plain_forwards   # the FA layer ops' forwards, one place
     s = torch.ops.salcompile
     return {
-        s.fa_linear.default: lambda x, w, b, fb, mn: F.linear(x, w, b),
-        s.fa_conv.default: lambda x, w, b, fb, st, pad, dil, tr, op, grp, mn:
-            _conv_forward(x, w, b, st, pad, dil, tr, op, grp),
-        s.fa_matmul.default: lambda x, w, fb, wf, mn: torch.matmul(w, x) if wf
-            else torch.matmul(x, w),
-        s.fa_einsum.default: lambda eq, x, w, fb, wf, mn: torch.einsum(eq, *((w, x) if wf
-                                                                            else (x, w))),
+        **plain_forwards(),
         s.dfa_output.default: lambda out, taps, fb: out.clone(),
         s.region_gate.default: _route,
         s.region_gate_topk.default: _route_topk,
