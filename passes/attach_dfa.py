@@ -33,12 +33,13 @@ from salcompile.feedback_init import draw_uniform
 from salcompile.layers import WeightTracer
 
 from ._buffers import register_beside
+from .context import PassContext
 
 aten = torch.ops.aten
 
 
-def attach_dfa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SALConfig,
-               head) -> fx.GraphModule:
+def attach_dfa(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    specs, plan, tracer, config, head = ctx.specs, ctx.plan, ctx.tracer, ctx.config, ctx.head
     if head is None:
         raise SalcompileError("feedback='dfa' needs a layer whose output reaches the model output "
                               "(the head); none was found. Use feedback='fa'.")

@@ -29,11 +29,13 @@ from salcompile.feedback_init import draw_uniform, fan_in
 from salcompile.layers import LayerSpec, WeightTracer, get_arg, set_args
 
 from ._buffers import register_beside
+from .context import PassContext
 
 ops = torch.ops.salcompile
 
 
-def attach_fa(gm: fx.GraphModule, specs, plan, tracer: WeightTracer, config: SALConfig) -> fx.GraphModule:
+def attach_fa(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    specs, plan, tracer, config = ctx.specs, ctx.plan, ctx.tracer, ctx.config
     g = gm.graph
     match = config.feedback_scale == "match"
     rule = rules.get(config.feedback)

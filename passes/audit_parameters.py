@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from salcompile.errors import SalcompileError
 from salcompile.layers import MATMUL_LIKE, WeightTracer, _is_size, _leaf_module, op_name
+from .context import PassContext
 
 ops = torch.ops.salcompile
 # salcompile's own ops that are not layers: gates, routing counters, layout, DFA, guards.
@@ -67,7 +68,8 @@ def unaccounted_uses(gm: fx.GraphModule, plan) -> List[tuple]:
     return out
 
 
-def audit_parameters(gm: fx.GraphModule, plan, config) -> fx.GraphModule:
+def audit_parameters(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    plan, config = ctx.plan, ctx.config
     from salcompile.plan import FallbackEntry, layer_name
 
     missed = unaccounted_uses(gm, plan)

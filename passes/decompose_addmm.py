@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from salcompile.layers import WeightTracer, bind
+from .context import PassContext
 
 aten = torch.ops.aten
 
@@ -98,7 +99,7 @@ def _is_vector(n) -> bool:
     return False
 
 
-def decompose_addmm(gm: fx.GraphModule) -> fx.GraphModule:
+def decompose_addmm(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     """Rewrite every addmm / baddbmm / addbmm (aten or torch-level) as described above."""
     g = gm.graph
     todo = [(n, a) for n in g.nodes if (a := _arguments(n)) is not None]

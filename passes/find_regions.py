@@ -43,6 +43,7 @@ from salcompile.layers import LayerSpec, WeightTracer
 
 from .analyse_sparsity import (SparseState, analyse_sparsity, is_product, same_shape,
                                tensor_operand, zero_preserving)
+from .context import PassContext
 
 # symbolic_trace leaves unknown shapes: a linear's input is then routed per row of its last dim.
 _POOL_CELLS = {1: 4, 2: 4, 3: 2}  # φ for conv inputs: adaptive average pool to this size per dim
@@ -286,8 +287,14 @@ def _split_rows(gm, group: List[LayerSpec], tracer: WeightTracer, config: SALCon
 
 
 # ---------------------------------------------------------------- regions
-def find_regions(gm: fx.GraphModule, specs: List[LayerSpec], plan, tracer: WeightTracer,
-                 head: Optional[LayerSpec], config: SALConfig) -> List[Region]:
+def find_regions(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Records the regions (which layers each gate routes) as ctx.regions."""
+    ctx.regions = regions_of(gm, ctx.specs, ctx.plan, ctx.tracer, ctx.head, ctx.config)
+    return gm
+
+
+def regions_of(gm: fx.GraphModule, specs: List[LayerSpec], plan, tracer: WeightTracer,
+               head: Optional[LayerSpec], config: SALConfig) -> List[Region]:
     uses: Dict[str, int] = {}  # how many layers read each weight / bias parameter
     for s in specs:
         for name in (s.param, s.bias.target if s.bias is not None and s.bias.op == "get_attr"

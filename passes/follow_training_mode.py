@@ -6,9 +6,12 @@ transformed module switches batch-norm statistics and dropout exactly as the ori
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from .context import PassContext
 
 aten = torch.ops.aten
 
@@ -25,7 +28,7 @@ _FUNCTIONAL = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout
                F.feature_alpha_dropout}
 
 
-def follow_training_mode(gm: fx.GraphModule) -> fx.GraphModule:
+def follow_training_mode(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     g = gm.graph
     training = None
 

@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from .context import PassContext
 
 aten = torch.ops.aten
 
@@ -77,7 +78,7 @@ _INPLACE_FLAG_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.elu, F.c
                            F.silu, F.mish, F.hardswish, F.threshold}
 
 
-def functionalize_inplace(gm: fx.GraphModule) -> fx.GraphModule:
+def functionalize_inplace(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     g = gm.graph
     changed = False
     order = {n: i for i, n in enumerate(g.nodes)}

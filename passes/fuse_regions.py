@@ -40,6 +40,7 @@ from salcompile.config import SALConfig
 
 from .analyse_sparsity import _is_add, is_product, tensor_operand, zero_preserving
 from .find_regions import operand_shape
+from .context import PassContext
 
 ops = torch.ops.salcompile
 BLOCK, FULL = "block", "full"
@@ -184,7 +185,8 @@ def _width(gm: fx.GraphModule, n: fx.Node, layout) -> Optional[int]:
     return shape[1] if n.args[7] == "replicate" else shape[0]
 
 
-def fuse_regions(gm: fx.GraphModule, plan, config: SALConfig) -> fx.GraphModule:
+def fuse_regions(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    plan, config = ctx.plan, ctx.config
     if config.areas < 2:   # one area: nothing to sort, and K=1 must stay bit-equal to dense
         return gm
     g = gm.graph

@@ -12,11 +12,13 @@ import torch
 import torch.fx as fx
 
 from salcompile.ops.finite import check_finite_input
+from .context import PassContext
 
 guard_op = torch.ops.salcompile.check_finite.default
 
 
-def guard_finite(gm: fx.GraphModule, specs, plan) -> fx.GraphModule:
+def guard_finite(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    specs, plan = ctx.specs, ctx.plan
     g = gm.graph
     inputs = [n for n in g.nodes if n.op == "placeholder"]
     after_inputs = inputs[-1].next if inputs else None  # guards go after the last input

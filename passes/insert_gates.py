@@ -22,6 +22,7 @@ from salcompile.feedback_init import _generator, draw_uniform
 from salcompile.layers import WeightTracer
 
 from .find_regions import _POOL_CELLS, Region
+from .context import PassContext
 
 aten = torch.ops.aten
 ops = torch.ops.salcompile
@@ -71,9 +72,14 @@ def _check_gate_memory(regions: List[Region], tracer: WeightTracer, config: SALC
                  like.device, fix="choose fewer areas or a smaller route_dim")
 
 
-def insert_gates(gm: fx.GraphModule, regions: List[Region], tracer: WeightTracer,
-                 config: SALConfig) -> Tuple[fx.GraphModule, Dict[str, Tuple[fx.Node, fx.Node]]]:
-    """Returns the module and {gate: (area node, anchor node)}."""
+def insert_gates(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Records {gate: (area node, anchor node)} as ctx.routes."""
+    gm, ctx.routes = _insert(gm, ctx.regions, ctx.tracer, ctx.config)
+    return gm
+
+
+def _insert(gm: fx.GraphModule, regions: List[Region], tracer: WeightTracer,
+            config: SALConfig) -> Tuple[fx.GraphModule, Dict[str, Tuple[fx.Node, fx.Node]]]:
     if not regions:
         return gm, {}
     _check_gate_memory(regions, tracer, config)

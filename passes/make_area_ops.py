@@ -24,6 +24,7 @@ from salcompile.validate import check_memory
 from salcompile.ops import areas as area_ops
 
 from .split_shared_path import shared_widths
+from .context import PassContext
 
 MODES = {"partition": "partition", "replicate": "replicate", "exit": "dense"}
 
@@ -146,8 +147,8 @@ def _check_replicate_memory(gm, specs, plan, tracer: WeightTracer, k: int) -> No
                      "the model under torch.device('meta') to inspect it")
 
 
-def make_area_ops(gm: fx.GraphModule, specs: List[LayerSpec], plan, tracer: WeightTracer,
-                  routes: Dict[str, Tuple[fx.Node, fx.Node]], config: SALConfig) -> fx.GraphModule:
+def make_area_ops(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    specs, plan, tracer, routes, config = ctx.specs, ctx.plan, ctx.tracer, ctx.routes, ctx.config
     g = gm.graph
     k = config.areas
     reference = config.area_impl == "reference"

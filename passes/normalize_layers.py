@@ -6,12 +6,15 @@ layer finder deals with one form only. A graph from torch.export passes through 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import operator
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from .context import PassContext
 
 aten = torch.ops.aten
 
@@ -49,7 +52,7 @@ def _positional(names, args, kwargs):
     return out
 
 
-def normalize_layers(gm: fx.GraphModule) -> fx.GraphModule:
+def normalize_layers(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     g = gm.graph
     for node in list(g.nodes):
         new = None

@@ -30,6 +30,7 @@ from salcompile.config import SALConfig
 from salcompile.layers import LayerSpec
 
 from .decompose_addmm import _fake_val
+from .context import PassContext
 
 aten = torch.ops.aten
 
@@ -67,8 +68,8 @@ def _slice(g, t, dim, start, end):
     return _node(g, aten.slice.Tensor, (t, dim, start, end))
 
 
-def split_shared_path(gm: fx.GraphModule, specs: List[LayerSpec], plan,
-                      config: SALConfig) -> fx.GraphModule:
+def split_shared_path(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    specs, plan, config = ctx.specs, ctx.plan, ctx.config
     f = config.shared_fraction
     if f <= 0:
         return gm

@@ -40,35 +40,13 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     if isinstance(model, SALModule):
         raise SalcompileError("this module has already been transformed by salcompile; transform the "
                               "original model instead.")
-    p = _passes()
     original_keys = _state_keys(model)
     gm, how = capture(model, example_inputs, example_kwargs)
-    gm = p.functionalize_inplace(gm)   # in-place ops: explicit dataflow, out of place if safe
-    gm = p.normalize_layers(gm)
-    gm = p.decompose_addmm(gm)          # addmm & co: a layer plus an add
-    gm = p.follow_training_mode(gm)
-    plan, specs, tracer, head = analyse(gm, config, how)
-    if not plan.layers:
-        warnings.warn("salcompile: found no weight-carrying linear map (linear, conv, matmul, "
-                      "einsum) in the model: nothing to rewrite, it trains as before.", stacklevel=2)
-    if config.gated:
-        regions = p.find_regions(gm, specs, plan, tracer, head, config)
-        if not regions and config.areas > 1 and plan.layers:
-            _warn_nothing_routed(plan, config)
-        gm, routes = p.insert_gates(gm, regions, tracer, config)
-        gm = p.make_area_ops(gm, specs, plan, tracer, routes, config)
-        gm = p.split_shared_path(gm, specs, plan, config)   # shared_fraction > 0 only
-    family = feedback_rules.get(config.feedback).family   # salcompile/feedback/
-    if family == "fa":
-        gm = p.attach_fa(gm, specs, plan, tracer, config)
-    elif family == "dfa":
-        gm = p.attach_dfa(gm, specs, plan, tracer, config, head)
-    if config.check_finite:
-        gm = p.guard_finite(gm, specs, plan)
-    if config.gated and config.area_impl == "fast" and config.fuse_regions and \
-            not config.shared_fraction and config.route_top_k == 1:
-        gm = p.fuse_regions(gm, plan, config)   # after feedback buffers and guards are in place
-    gm = p.audit_parameters(gm, plan, config)   # last: every weight use of the finished graph
+    ctx = _passes().PassContext(config=config, capture=how)
+    for step, when in _order(config):
+        if when(ctx):
+            gm = _run(step, gm, ctx)
+    plan = ctx.plan
     for u in plan.backprop:
         warnings.warn(f"salcompile: {u.name} ({u.op}) keeps backprop: {u.reason}.", stacklevel=2)
     sal = SALModule(gm, gm.graph, plan, config, original_keys)
@@ -76,12 +54,66 @@ def transform(model: nn.Module, example_inputs: Optional[Any] = None,
     return sal
 
 
+def _order(config: SALConfig):
+    """The passes in the order they run, each with when it runs: the one place that orders them.
+    Every pass is `pass(gm, ctx) -> gm` (passes/context.py)."""
+    p = _passes()
+    always = lambda ctx: True   # noqa: E731
+    gated = lambda ctx: config.gated   # noqa: E731
+    family = feedback_rules.get(config.feedback).family   # salcompile/feedback/
+    return [
+        (p.functionalize_inplace, always),   # in-place ops: explicit dataflow, out of place if safe
+        (p.normalize_layers, always),
+        (p.decompose_addmm, always),         # addmm & co: a layer plus an add
+        (p.follow_training_mode, always),
+        (_analyse, always),                  # the plan: layers, weights, the head
+        (p.find_regions, gated),
+        (_check_routed, gated),
+        (p.insert_gates, gated),
+        (p.make_area_ops, gated),
+        (p.split_shared_path, gated),        # shared_fraction > 0 only
+        (p.attach_fa, lambda ctx: family == "fa"),
+        (p.attach_dfa, lambda ctx: family == "dfa"),
+        (p.guard_finite, lambda ctx: config.check_finite),
+        # after feedback buffers and guards are in place
+        (p.fuse_regions, lambda ctx: config.gated and config.area_impl == "fast"
+         and config.fuse_regions and not config.shared_fraction and config.route_top_k == 1),
+        (p.audit_parameters, always),        # last: every weight use of the finished graph
+    ]
+
+
+def _run(step, gm, ctx):
+    """One pass; an unexpected failure says which pass it came from."""
+    try:
+        return step(gm, ctx)
+    except SalcompileError:
+        raise
+    except Exception as exc:
+        exc.add_note(f"(in salcompile pass {step.__name__.lstrip('_')})")
+        raise
+
+
+def _analyse(gm, ctx):
+    ctx.plan, ctx.specs, ctx.tracer, ctx.head = analyse(gm, ctx.config, ctx.capture)
+    if not ctx.plan.layers:
+        warnings.warn("salcompile: found no weight-carrying linear map (linear, conv, matmul, "
+                      "einsum) in the model: nothing to rewrite, it trains as before.",
+                      stacklevel=4)
+    return gm
+
+
+def _check_routed(gm, ctx):
+    if not ctx.regions and ctx.config.areas > 1 and ctx.plan.layers:
+        _warn_nothing_routed(ctx.plan, ctx.config)
+    return gm
+
+
 def _warn_nothing_routed(plan: Plan, config: SALConfig) -> None:
     why = next((n for n in plan.notes if n.startswith("no SAL region: ")), "no SAL region: ")
     warnings.warn(f"salcompile: areas={config.areas} but no layer is gated "
                   f"({why[len('no SAL region: '):]}): the model trains dense with "
                   f"{config.feedback}; choose the layers to gate with "
-                  "SALConfig(gate_layers=[...]), or pass areas=1.", stacklevel=3)
+                  "SALConfig(gate_layers=[...]), or pass areas=1.", stacklevel=5)
 
 
 def _state_keys(model):

@@ -11,7 +11,7 @@ import salcompile
 from conftest import assert_train_step_matches_sgd
 from salcompile.errors import SalcompileError
 from salcompile.models import MLP
-from passes.split_shared_path import shared_width
+from salcompile.passes.split_shared_path import shared_width
 
 D = torch.float64
 
