@@ -25,6 +25,7 @@ import torch.fx as fx
 from salcompile import feedback as rules
 from salcompile.config import SALConfig
 from salcompile.errors import SalcompileError
+from salcompile.families import family
 from salcompile.feedback_init import draw_uniform, fan_in
 from salcompile.layers import LayerSpec, WeightTracer, get_arg, set_args
 
@@ -81,23 +82,8 @@ def attach_fa(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if spec.area:  # an area op: fill its feedback slot and per-area norm matching
                 set_args(node, feedback=b_operand, match_norm=match)
                 continue
-            if spec.kind == "linear":
-                new = g.call_function(ops.fa_linear.default, (spec.x, spec.weight, spec.bias,
-                                                              b_operand, match))
-            elif spec.kind == "conv":
-                c = spec.conv
-                new = g.call_function(ops.fa_conv.default, (
-                    spec.x, spec.weight, spec.bias, b_operand, c["stride"], c["padding"],
-                    c["dilation"], c["transposed"], c["output_padding"], c["groups"], match))
-            elif spec.kind == "grouped_mm":
-                new = g.call_function(ops.fa_grouped_mm.default, (spec.x, spec.weight, spec.offs,
-                                                                  b_operand, match))
-            elif spec.kind == "matmul":
-                new = g.call_function(ops.fa_matmul.default, (spec.x, spec.weight, b_operand,
-                                                              spec.weight_first, match))
-            else:
-                new = g.call_function(ops.fa_einsum.default, (spec.equation, spec.x, spec.weight,
-                                                              b_operand, spec.weight_first, match))
+            fam = family(spec.kind)   # salcompile/families.py: the FA op of this layer family
+            new = g.call_function(fam.op, fam.fa_args(spec, b_operand, match))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         g.erase_node(node)

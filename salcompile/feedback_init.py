@@ -23,11 +23,9 @@ def draw_uniform(shape, fan_in: int, seed: int, key: str, like: torch.Tensor) ->
 
 
 def fan_in(kind: str, shape, weight_first: bool = False) -> int:
-    """Inputs summed into one output, for each layer kind's weight layout."""
-    if kind in ("linear", "conv"):
-        return int(shape[1] * math.prod(shape[2:])) if len(shape) > 1 else int(shape[0])
-    if kind == "grouped_mm":  # [experts, in, out]
-        return int(shape[-2])
-    if kind == "matmul":
-        return int(shape[-1] if weight_first else shape[-2])
-    return int(math.prod(shape)) // max(1, int(shape[0]))  # einsum: a neutral guess
+    """Inputs summed into one output, for each layer kind's weight layout (salcompile/families.py;
+    a kind without an entry: all but the first dimension, a neutral guess)."""
+    from .families import FAMILIES
+    if kind in FAMILIES:
+        return FAMILIES[kind].fan_in(tuple(shape), weight_first)
+    return int(math.prod(shape)) // max(1, int(shape[0]))

@@ -72,3 +72,22 @@ def test_strip_feedback_and_the_onnx_graph_handle_an_unbatched_conv():
     assert not any(n.target is s.fa_conv.default for n in ref.graph.nodes)
     torch.testing.assert_close(ref(x), net(x))
     torch.testing.assert_close(inference_graph(sal)(x), net(x))
+
+
+def test_every_fa_layer_op_has_one_family_entry():
+    # salcompile/families.py is the one table of layer families: each fa_* layer op has an entry
+    from salcompile.families import FAMILIES, by_fa_op
+    layer_ops = {n for n in dir(s) if n.startswith("fa_") and not n.endswith("_backward")}
+    assert layer_ops == {f.fa_op for f in FAMILIES.values()}
+    for f in FAMILIES.values():
+        assert by_fa_op(f.op) is f
+
+
+def test_fan_in_per_family_weight_layout():
+    from salcompile.feedback_init import fan_in
+    assert fan_in("linear", (8, 5)) == 5
+    assert fan_in("conv", (8, 3, 3, 3)) == 27
+    assert fan_in("matmul", (5, 8)) == 5                       # x @ W, W [in, out]
+    assert fan_in("matmul", (8, 5), weight_first=True) == 5    # W @ x, W [out, in]
+    assert fan_in("grouped_mm", (4, 6, 8)) == 6                # [experts, in, out]
+    assert fan_in("einsum", (8, 2, 3)) == 6

@@ -9,51 +9,20 @@ forward; only its backward differs. Three places need that plain op and read it 
 
     fn, args = plain_call(node.target, node.args, node.kwargs)   # None: not an FA layer op
 
-`fa_grouped_mm` is not here: its plain form differs per consumer (strip_feedback keeps the op
-with B = W, whose own backward is backprop's; ONNX has no grouped matmul and gets a masked-dense
-form).
+The forms themselves are the layer families' `plain` entries (salcompile/families.py).
+`fa_grouped_mm` has none: its plain form differs per consumer (strip_feedback keeps the op with
+B = W, whose own backward is backprop's; ONNX has no grouped matmul and gets a masked-dense form).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import torch
 
-aten = torch.ops.aten
-
-
-def conv(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-    """aten.convolution, also for an unbatched input (which aten.convolution refuses)."""
-    if x.dim() == len(stride) + 1:
-        return aten.convolution(x.unsqueeze(0), weight, bias, stride, padding, dilation,
-                                transposed, output_padding, groups).squeeze(0)
-    return aten.convolution(x, weight, bias, stride, padding, dilation, transposed,
-                            output_padding, groups)
-
-
-def _linear(a):
-    return aten.linear.default, (a["x"], a["weight"], a["bias"])
-
-
-def _conv(a):
-    return conv, (a["x"], a["weight"], a["bias"], a["stride"], a["padding"], a["dilation"],
-                  a["transposed"], a["output_padding"], a["groups"])
-
-
-def _matmul(a):
-    w, x = a["weight"], a["x"]
-    return aten.matmul.default, (w, x) if a["weight_first"] else (x, w)
-
-
-def _einsum(a):
-    w, x = a["weight"], a["x"]
-    return aten.einsum.default, (a["equation"], [w, x] if a["weight_first"] else [x, w])
-
-
+@functools.lru_cache(maxsize=None)
 def _table() -> Dict[Any, Callable]:
-    s = torch.ops.salcompile
-    return {s.fa_linear.default: _linear, s.fa_conv.default: _conv,
-            s.fa_matmul.default: _matmul, s.fa_einsum.default: _einsum}
+    from ..families import FAMILIES   # each family's plain form lives in its entry
+    return {f.op: f.plain for f in FAMILIES.values() if f.plain is not None}
 
 
 def _bind(target, args, kwargs) -> Dict[str, Any]:
@@ -81,4 +50,4 @@ def plain_forwards() -> Dict[Any, Callable]:
     return {t: forward(t) for t in _table()}
 
 
-__all__ = ["conv", "plain_call", "plain_forwards"]
+__all__ = ["plain_call", "plain_forwards"]
