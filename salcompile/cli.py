@@ -9,19 +9,69 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-import torch
+if TYPE_CHECKING:
+    from .config import SALConfig
 
-from .config import (AREA_IMPLS, AREA_MODES, FEEDBACK_INITS, FEEDBACK_MODES, FEEDBACK_SCALES,
-                     ROUTE_BY, BLOCK_GAINS, ON_BACKPROP, SALConfig)
+# No torch at import time: the parser (--help, --version, argument errors) answers without it;
+# each command imports torch and the modules it uses (see main).
 from .errors import SalcompileError
-from .training import DEVICES, OPTIMIZERS, PRECISIONS, Recipe
-from . import feedback as feedback_rules
-from . import files
-from . import model_source as ms
 
 DEFAULT_THREADS = 1
+
+# ------------------------------------------------------------------ what --help shows
+# Plain copies of the real tables, so that building the parser needs no torch (`salcompile
+# --help` in ~0.1 s instead of ~2.5 s). tests/test_cli_startup.py asserts each equals its source.
+ZOO_NAMES = ("mlp", "mlp-mnist", "lenet5", "deep-mlp", "deep-mlp-res", "resnet20", "vit", "gpt",
+             "replicate-1b")                                    # salcompile.models.REGISTRY
+DATASET_NAMES = ("digits", "iris", "wine", "breast_cancer", "mnist5k", "mnist1d", "mnist",
+                 "fashion_mnist", "cifar10", "cifar100", "tokens")  # data.DATASETS, LM_DATASETS
+DATA_FORMATS = {                                                # salcompile.data.FILE_FORMATS
+    ".npz": "numpy arrays x_train, y_train, x_test, y_test (np.savez; x any numeric shape "
+            "[N, ...], y integer class ids [N]); or x, y alone: seeded 80/20 split",
+    ".csv": "a header row, one column named `label` (integer class ids), every other column a "
+            "numeric feature; seeded 80/20 split, standardised",
+    "folder": "x_train.pt, y_train.pt, x_test.pt, y_test.pt, each torch.save(tensor)",
+    ".txt": "any UTF-8 text: a character language model (next-character targets) over windows "
+            "of seq_len characters; the first 90% of the text trains, the rest tests",
+}
+DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+               "uint8", "bool")                                 # salcompile.model_source.DTYPES
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd")                      # salcompile.training.OPTIMIZERS
+DEVICE_NAMES = ("auto", "cpu", "cuda")                          # salcompile.training.DEVICES
+PRECISION_NAMES = ("fp32", "bf16", "fp16")                      # salcompile.training.PRECISIONS
+RECIPE_DEFAULTS = {"optimizer": "adam", "lr": 3e-3, "batch": 16, "epochs": 25,
+                   "momentum": 0.0, "weight_decay": 0.0}        # salcompile.training.Recipe()
+FEEDBACK_SUMMARIES = {                                          # salcompile.feedback: name, summary
+    "fa": "feedback alignment: a fixed random B (drawn once) in place of W in the input gradient",
+    "dfa": "direct feedback alignment: each layer's input receives the output error times a "
+           "fixed random D",
+    "bp": "ordinary backprop (the transposed weight), same graph otherwise: the reference",
+    "usf": "uniform sign-concordant feedback: B = sign(W)/sqrt(fan_in), recomputed every step",
+    "brsf": "batchwise random-magnitude sign-concordant feedback: B = |fresh U(-s, s)|·sign(W) "
+            "every step",
+    "frsf": "fixed random-magnitude sign-concordant feedback: B = |B_fixed|·sign(W) every step",
+    "kp": "Kolen-Pollack: B is trained with W's gradient; with weight decay on both, B -> W",
+}
+CONFIG_CHOICES = {                                              # salcompile.config
+    "feedback": tuple(FEEDBACK_SUMMARIES),                      # FEEDBACK_MODES
+    "feedback_init": ("kaiming_uniform", "weights"),            # FEEDBACK_INITS
+    "feedback_scale": ("match", "none"),                        # FEEDBACK_SCALES
+    "area_mode": ("partition", "replicate"),                    # AREA_MODES
+    "route_by": ("auto", "sample", "token"),                    # ROUTE_BY
+    "area_impl": ("fast", "reference"),                         # AREA_IMPLS
+    "input_block_gain": ("fan_in", "none"),                     # BLOCK_GAINS
+    "on_backprop": ("warn", "error"),                           # ON_BACKPROP
+}
+CONFIG_DEFAULTS = {                                             # dataclasses.asdict(SALConfig())
+    "feedback": "fa", "feedback_init": "kaiming_uniform", "feedback_scale": "match",
+    "feedback_seed": 0, "areas": 16, "area_mode": "partition", "route_by": "auto",
+    "route_dim": 32, "gate_layers": None, "routing_seed": 0, "balance_weight": 1.0,
+    "temperature": 0.1, "area_impl": "fast", "input_block_gain": "fan_in",
+    "check_finite": False, "fuse_regions": True, "route_top_k": 1, "shared_fraction": 0.0,
+    "on_backprop": "warn",
+}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -36,18 +86,15 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _zoo_names() -> str:
-    from .models import REGISTRY
-    return ", ".join(REGISTRY)
+    return ", ".join(ZOO_NAMES)
 
 
 def _dataset_names() -> str:
-    from .data import DATASETS, LM_DATASETS
-    return ", ".join([*DATASETS, *LM_DATASETS])
+    return ", ".join(DATASET_NAMES)
 
 
 def _data_formats() -> str:
-    from .data import FILE_FORMATS
-    return "; ".join(f"{k}: {v}" for k, v in FILE_FORMATS.items()).replace("%", "%%")
+    return "; ".join(f"{k}: {v}" for k, v in DATA_FORMATS.items()).replace("%", "%%")
 
 
 def _positive_int(text: str) -> int:
@@ -109,10 +156,10 @@ def _parser() -> argparse.ArgumentParser:
 
     def input_args(p):
         p.add_argument("--input-shape", action="append", metavar="SHAPE", help=INPUT_SHAPE_HELP)
-        p.add_argument("--input-dtype", action="append", choices=list(ms.DTYPES),
+        p.add_argument("--input-dtype", action="append", choices=list(DTYPE_NAMES),
                        metavar="DTYPE",
                        help=f"dtype of the example inputs, once for all or once per "
-                            f"--input-shape; one of {', '.join(ms.DTYPES)} (e.g. int64 for "
+                            f"--input-shape; one of {', '.join(DTYPE_NAMES)} (e.g. int64 for "
                             "token ids) (default: the archive's, else float32)")
         p.add_argument("--vocab", type=_positive_int, metavar="N",
                        help="integer example inputs are drawn from [0, N) (default: the "
@@ -215,15 +262,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="flatten inputs to [batch, features] (the paper's MLP setup; zoo MLPs "
                         "flatten on their own)")
     t.add_argument("--limit", type=_positive_int, help="use only the first N training samples")
-    t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=Recipe.optimizer,
+    t.add_argument("--optimizer", choices=sorted(OPTIMIZER_NAMES),
+                   default=RECIPE_DEFAULTS["optimizer"],
                    help="the optimizer")
-    t.add_argument("--lr", type=float, default=Recipe.lr, help="learning rate")
-    t.add_argument("--momentum", type=float, default=Recipe.momentum, help="sgd: momentum")
-    t.add_argument("--weight-decay", type=float, default=Recipe.weight_decay,
+    t.add_argument("--lr", type=float, default=RECIPE_DEFAULTS["lr"], help="learning rate")
+    t.add_argument("--momentum", type=float, default=RECIPE_DEFAULTS["momentum"],
+                   help="sgd: momentum")
+    t.add_argument("--weight-decay", type=float, default=RECIPE_DEFAULTS["weight_decay"],
                    help="weight decay")
-    t.add_argument("--batch", type=_positive_int, default=Recipe.batch,
+    t.add_argument("--batch", type=_positive_int, default=RECIPE_DEFAULTS["batch"],
                    help="samples per step")
-    t.add_argument("--epochs", type=_positive_int, default=Recipe.epochs,
+    t.add_argument("--epochs", type=_positive_int, default=RECIPE_DEFAULTS["epochs"],
                    help="passes over the training set")
     t.add_argument("--seeds", type=_positive_int, default=1,
                    help="independent runs (seed 0, 1, ...): weights, feedback and routing")
@@ -238,12 +287,15 @@ def _parser() -> argparse.ArgumentParser:
                         "it; --resume continues it); one seed only")
     t.add_argument("--force", action="store_true", help="overwrite -o if it exists")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--device", choices=DEVICES, default="cpu",
+    t.add_argument("--device", choices=DEVICE_NAMES, default="cpu",
                    help="where to train: cpu, cuda (an error without a GPU), auto (cuda when "
                         "torch sees one); the saved archive is always written on the CPU")
-    t.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="bf16: torch.autocast(bfloat16) around the forward and the loss "
-                        "(parameters, gradients and optimizer state stay float32)")
+    t.add_argument("--precision", choices=list(PRECISION_NAMES), default="fp32",
+                   help="bf16 / fp16: torch.autocast(bfloat16 / float16) around the forward "
+                        "and the loss (parameters, gradients and optimizer state stay float32); "
+                        "fp16 adds loss scaling (torch.amp.GradScaler: a step whose gradients "
+                        "overflow is skipped, the epoch line counts them); on a CPU fp16 is "
+                        "emulated and much slower than fp32 (use bf16 there)")
     common(t)
     config_args(t)
     return ap
@@ -251,24 +303,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def config_args(p: argparse.ArgumentParser) -> None:
     """One option per SALConfig field, defaulting to SALConfig's own defaults."""
-    d = SALConfig()
+    d = argparse.Namespace(**CONFIG_DEFAULTS)
+    c = CONFIG_CHOICES
     g = p.add_argument_group("SAL options (salcompile.SALConfig)")
-    g.add_argument("--feedback", choices=FEEDBACK_MODES, default=d.feedback,
+    g.add_argument("--feedback", choices=c["feedback"], default=d.feedback,
                    help="the learning rule: " + "; ".join(
-                       f"{n} ({feedback_rules.get(n).summary})" for n in FEEDBACK_MODES))
-    g.add_argument("--feedback-init", choices=FEEDBACK_INITS, default=d.feedback_init,
+                       f"{n} ({FEEDBACK_SUMMARIES[n]})" for n in c["feedback"]))
+    g.add_argument("--feedback-init", choices=c["feedback_init"], default=d.feedback_init,
                    help="how B is drawn: kaiming_uniform (like nn.Linear's init) or weights "
                         "(B = W: FA then equals backprop, a check)")
-    g.add_argument("--feedback-scale", choices=FEEDBACK_SCALES, default=d.feedback_scale,
+    g.add_argument("--feedback-scale", choices=c["feedback_scale"], default=d.feedback_scale,
                    help="match: rescale B to the norm of W at every step; none: B as drawn")
     g.add_argument("--feedback-seed", type=int, default=d.feedback_seed,
                    help="seed of the feedback matrices B / D")
     g.add_argument("--areas", type=int, default=d.areas,
                    help="number of parameter areas K (1 = dense, no gates)")
-    g.add_argument("--area-mode", choices=AREA_MODES, default=d.area_mode,
+    g.add_argument("--area-mode", choices=c["area_mode"], default=d.area_mode,
                    help="partition: a gated layer's outputs split into K blocks, a sample uses "
                         "one; replicate: K full copies of the layer")
-    g.add_argument("--route-by", choices=ROUTE_BY, default=d.route_by,
+    g.add_argument("--route-by", choices=c["route_by"], default=d.route_by,
                    help="what a gate routes: auto (tokens of [batch, seq, features] "
                         "activations, else samples), sample, token")
     g.add_argument("--route-dim", type=int, default=d.route_dim,
@@ -282,13 +335,13 @@ def config_args(p: argparse.ArgumentParser) -> None:
                    help="weight of the load-balance term in the gates' local rule")
     g.add_argument("--temperature", type=float, default=d.temperature,
                    help="softmax temperature of the gates' local rule")
-    g.add_argument("--area-impl", choices=AREA_IMPLS, default=d.area_impl,
+    g.add_argument("--area-impl", choices=c["area_impl"], default=d.area_impl,
                    help="fast: rows sorted by area, each area's block on its rows; reference: "
                         "masked dense (the oracle)")
     g.add_argument("--no-fuse-regions", dest="fuse_regions", action="store_false",
                    help="keep one self-contained area op per layer instead of running each "
                         "region's layers in area-sorted compact form")
-    g.add_argument("--input-block-gain", choices=BLOCK_GAINS, default=d.input_block_gain,
+    g.add_argument("--input-block-gain", choices=c["input_block_gain"], default=d.input_block_gain,
                    help="fan_in: scale layers that read an area block by sqrt(K) (keeps "
                         "activations from shrinking with depth)")
     g.add_argument("--check-finite", action="store_true",
@@ -299,7 +352,7 @@ def config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shared-fraction", type=float, default=d.shared_fraction,
                    help="share of each gated partition layer's outputs that every row computes "
                         "(a shared dense path beside the areas; 0: pure partition)")
-    g.add_argument("--on-backprop", choices=ON_BACKPROP, default=d.on_backprop,
+    g.add_argument("--on-backprop", choices=c["on_backprop"], default=d.on_backprop,
                    help="a layer salcompile cannot rewrite stays on backprop with a warning (warn) "
                         "or makes the conversion fail (error)")
 
@@ -312,6 +365,7 @@ _CONFIG_DESTS = ("feedback", "feedback_init", "feedback_scale", "feedback_seed",
 
 
 def config_from(args) -> SALConfig:
+    from .config import SALConfig
     gate_layers = None if args.gate_layers is None else \
         [s.strip() for s in args.gate_layers.split(",") if s.strip()]
     try:
@@ -364,6 +418,7 @@ def _progress(what: str, kind: str):
 
 
 def _set_threads(args) -> None:
+    import torch
     n = getattr(args, "threads", DEFAULT_THREADS)
     if n:
         torch.set_num_threads(n)
@@ -377,6 +432,7 @@ def _set_threads(args) -> None:
 
 # ------------------------------------------------------------------ sources
 def _example_from_args(args, model) -> Optional[tuple]:
+    from . import model_source as ms
     if not args.input_shape:
         return None   # the caller uses what the source knows (then _retype applies the dtype)
     shapes = [ms.parse_shape(s) for s in args.input_shape]
@@ -385,6 +441,7 @@ def _example_from_args(args, model) -> Optional[tuple]:
 
 def _retype(example: tuple, args, model) -> tuple:
     """Known example inputs (an archive's, a zoo model's) with --input-dtype / --vocab applied."""
+    from . import model_source as ms
     if not (args.input_dtype or args.vocab):
         return example
     shapes = [tuple(t.shape[1:]) for t in example]
@@ -401,6 +458,8 @@ def _need_shape(what: str) -> SalcompileError:
 
 def _load_source(args):
     """(module, example_inputs, embedded plan text) from the input file and --model."""
+    from . import files
+    from . import model_source as ms
     if args.input is None:
         if not args.model:
             raise SalcompileError("give a model file (a torch.export archive, a state_dict with "
@@ -443,6 +502,7 @@ def _load_source(args):
 
 
 def _model_from_spec(args, weights):
+    from . import model_source as ms
     model = ms.build_model(args.model, args.model_args)
     if weights is not None:
         ms.load_weights(model, weights, f"--model {args.model}")
@@ -458,6 +518,7 @@ def _model_from_spec(args, weights):
 
 def _mode(args, gm) -> None:
     """An archive exported in eval mode: warn, or switch it to training behaviour."""
+    from . import model_source as ms
     if args.train_mode:
         names = ms.to_train_mode(gm)
         if names:
@@ -473,6 +534,7 @@ def _mode(args, gm) -> None:
 
 
 def _static_batch_of_archive(args, ep) -> None:
+    import torch
     vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
     dims = [vals[n].shape[0] for n in ep.graph_signature.user_inputs
             if isinstance(vals.get(n), torch.Tensor) and vals[n].dim() > 0]
@@ -480,6 +542,7 @@ def _static_batch_of_archive(args, ep) -> None:
 
 
 def _check_batch(args, sal, example) -> None:
+    from . import model_source as ms
     fixed = ms.static_batch(sal)
     if fixed is None:
         return
@@ -525,6 +588,7 @@ def _parser_defaults() -> dict:
 
 # ------------------------------------------------------------------ commands
 def _convert(args) -> int:
+    from . import files
     from .archive import save
     from .pipeline import transform
     out = files.check_output(args.output or _default_output(args), args.force)
@@ -558,6 +622,8 @@ def _inspect(args) -> int:
 
 
 def _export(args) -> int:
+    from . import files
+    from . import model_source as ms
     from .archive import load
     from .module import SALModule
     defaults = {"onnx": ".onnx", "train-step": ".step.onnx", "ort-training": ".ort-training"}
@@ -607,12 +673,15 @@ def _export(args) -> int:
 
 def _train(args) -> int:
     from dataclasses import asdict
+    import torch
+    from . import files
+    from . import model_source as ms
     from . import data as datasets
     from .archive import load, save
     from .experiment import ExperimentResult, RunResult, with_model_defaults, write_results
     from .module import SALModule
     from .pipeline import transform
-    from .training import fit
+    from .training import Recipe, fit
     if not args.model and not args.resume:
         raise SalcompileError("name the model to train: --model NAME|file.py:Class, or "
                               "--resume ARCHIVE to continue a trained one.")
@@ -636,6 +705,10 @@ def _train(args) -> int:
                                          else f"model.seed{s}.sal.pt2") for s in range(args.seeds)]
     from .training import resolve_device
     device = resolve_device(args.device)
+    if args.precision == "fp16" and device.type == "cpu":
+        from .training import FP16_ON_CPU
+        _note(FP16_ON_CPU.replace("precision=", "--precision ").replace("'", ""))
+        warnings.filterwarnings("ignore", message=re.escape(FP16_ON_CPU))  # said once, above
     model_kwargs = ms.parse_model_args(args.model_args)[1] if args.model else {}
     ds = datasets.load_any(args.data, data_dir=args.data_dir, grayscale=args.grayscale,
                            flatten=args.flatten, limit=args.limit,
@@ -682,7 +755,10 @@ def _train(args) -> int:
             align = "" if rec.alignment is None else f"  align {rec.alignment:5.1f}°"
             print(f"seed {seed} epoch {rec.epoch:3d}/{recipe.epochs}  loss {rec.train_loss:.4f}  "
                   f"train {rec.train_acc:5.1f}%  test {rec.test_acc:5.1f}%{extra}{align}"
-                  + (f"  NONFINITE {rec.nonfinite}" if rec.nonfinite else ""), flush=True)
+                  + (f"  NONFINITE {rec.nonfinite}" if rec.nonfinite else "")
+                  + (f"  skipped {rec.extra['skipped_steps']} step(s), loss scale "
+                     f"{rec.extra['loss_scale']:g}" if rec.extra.get("skipped_steps") else ""),
+                  flush=True)
 
         records = fit(sal, (xtr, ds.y_train), (xte, ds.y_test), recipe, seed=seed,
                       alignment=not args.no_alignment, progress=not args.no_progress,
@@ -731,7 +807,9 @@ def _zoo_for_data(name: str, ds, kwargs: dict):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(argv)   # --help, --version and usage errors exit here: no torch
+    import torch
+    from . import ops  # noqa: F401  (the salcompile:: custom ops, before any archive is read)
     threads = torch.get_num_threads()
     _set_threads(args)
     try:

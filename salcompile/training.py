@@ -5,13 +5,26 @@ accuracy, test accuracy, routing balance (SAL models), the mean angle between th
 the true backprop gradient (optional), and how many non-finite values the parameters hold.
 A language model (outputs [batch, seq, vocab], targets [batch, seq] token ids) trains with the
 next-token cross-entropy over every position; its accuracies count tokens.
-`device` ("cpu", "cuda", "auto") and `precision` ("fp32", "bf16": torch.autocast around the
-forward and the loss; parameters and gradients stay float32) choose where and how it runs.
+`device` ("cpu", "cuda", "auto") and `precision` ("fp32"; "bf16" or "fp16": torch.autocast
+around the forward and the loss, parameters, gradients and optimizer state stay float32) choose
+where and how it runs.
+
+fp16 adds loss scaling (torch.amp.GradScaler on the device: CPU or CUDA; on a CPU float16 is
+emulated and much slower than float32 - `fit` warns - a way to rehearse a GPU recipe). A step
+whose gradients hold inf/NaN (the scale was too high, or the data/loss is bad) is skipped - the
+weights and the optimizer state are left as they were - and the scale is halved; the epoch record
+counts those steps in `extra["skipped_steps"]` and shows the scale in `extra["loss_scale"]`.
+With SALConfig(check_finite=True) the guards still check every layer's output and gradient: a
+non-finite forward value (which no scaling fixes) raises as before; a non-finite gradient in a
+scaled backward is treated as the scaler's overflow (the step is skipped, the scale halved) while
+the scale is above 1, and raises the guard's error (naming the layer) once the scale is down to 1,
+where the gradient is no longer amplified.
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -19,13 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SalcompileError
+from .errors import NonFiniteGradient, SalcompileError
 from .routing import routing_counts_kept
 from .validate import Int, Num, check_numbers
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCALED = ("fp16",)   # the precisions that train with a torch.amp.GradScaler
+FP16_ON_CPU = ("precision='fp16' on a CPU: torch emulates float16 matmuls there, much slower "
+               "than fp32 (23x for a 1024-wide MLP on an AMD EPYC); on a CPU use "
+               "precision='bf16' (native where the CPU has AVX512-BF16/AMX, no loss scaling), "
+               "fp16 on CUDA.")
 
 
 def resolve_device(device) -> torch.device:
@@ -49,14 +67,60 @@ def resolve_device(device) -> torch.device:
 
 
 def autocast(device: torch.device, precision: str):
-    """torch.autocast for `precision` ('bf16') on `device`'s type; a no-op context for fp32."""
+    """torch.autocast for `precision` ('bf16', 'fp16') on `device`'s type; a no-op context for
+    fp32."""
     import contextlib
     if precision not in PRECISIONS:
         raise SalcompileError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}.")
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
+    if not torch.amp.is_autocast_available(device.type):
+        raise SalcompileError(f"precision={precision!r} needs torch.autocast, which torch "
+                              f"{torch.__version__} does not offer on {device.type}; train on "
+                              "cpu or cuda, or use precision='fp32'.")
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, precision: str, scaler=None):
+    """The torch.amp.GradScaler that `precision` trains with on `device` (None: no loss scaling).
+    fp16 gets `scaler` or a new torch.amp.GradScaler(device.type) with torch's defaults (initial
+    scale 2**16, halved at an overflow, doubled after 2000 clean steps)."""
+    if precision not in SCALED:
+        if scaler is not None:
+            raise SalcompileError(f"grad_scaler is for precision='fp16' (loss scaling keeps small "
+                                  f"float16 gradients from flushing to zero); precision="
+                                  f"{precision!r} trains without one.")
+        return None
+    if scaler is not None:
+        if not isinstance(scaler, torch.amp.GradScaler):
+            raise SalcompileError(f"grad_scaler must be a torch.amp.GradScaler, got "
+                                  f"{type(scaler).__name__}.")
+        return scaler
+    if device.type not in ("cpu", "cuda"):
+        raise SalcompileError(f"precision={precision!r} needs loss scaling (torch.amp.GradScaler), "
+                              f"which salcompile supports on cpu and cuda, not {device.type}; use "
+                              "precision='bf16' (no scaling needed) or 'fp32'.")
+    return torch.amp.GradScaler(device.type)
+
+
+def _scaled_step(loss, opt, scaler) -> bool:
+    """loss.backward() and opt.step() through `scaler`; False when the step was skipped (a
+    non-finite gradient: the weights and optimizer state are untouched, the scale is halved)."""
+    before = scaler.get_scale()
+    try:
+        scaler.scale(loss).backward()
+    except NonFiniteGradient as exc:   # SALConfig(check_finite=True) saw the scaled gradient
+        if before <= 1.0:
+            raise SalcompileError(f"{exc} (precision='fp16': the gradient scaler had backed off to "
+                                  f"loss scale {before:g}, so the gradient is not an overflow of "
+                                  "the scaling)") from exc
+        opt.zero_grad(set_to_none=True)
+        scaler.update(before * scaler.get_backoff_factor())
+        return False
+    scaler.step(opt)      # skips opt.step() when the unscaled gradients hold inf/NaN
+    scaler.update()       # ...and then lowers the scale
+    return scaler.get_scale() >= before
 
 
 def task_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -191,7 +255,7 @@ def _check_labels_fit(model, x, y) -> None:
 def fit(model: nn.Module, train, test, recipe: Recipe = Recipe(), *, seed: int = 0,
         alignment: bool = False, progress: bool = False, desc: str = "",
         on_epoch: Optional[Callable[[EpochRecord], None]] = None, device=None,
-        precision: str = "fp32") -> List[EpochRecord]:
+        precision: str = "fp32", grad_scaler=None) -> List[EpochRecord]:
     """Train `model` on `train` = (x, y), evaluate on `test` each epoch; returns the records.
 
     y: class ids [N] (cross-entropy per sample), or next-token targets [N, seq] for a language
@@ -199,8 +263,10 @@ def fit(model: nn.Module, train, test, recipe: Recipe = Recipe(), *, seed: int =
     alignment: measure angle(SAL update, BP gradient) on 256 training samples each epoch.
     progress: a tqdm bar over the batches (on stderr).
     device: "cpu", "cuda", "auto" (cuda if available) or None (where the model is); the model is
-    moved there, the data batch by batch. precision: "fp32" or "bf16" (torch.autocast around the
-    forward and the loss; parameters, gradients and optimizer state stay float32).
+    moved there, the data batch by batch. precision: "fp32", "bf16" or "fp16" (torch.autocast
+    around the forward and the loss; parameters, gradients and optimizer state stay float32;
+    fp16 adds loss scaling, see the module docstring for skipped steps and check_finite).
+    grad_scaler: fp16 only, your own torch.amp.GradScaler (default: one with torch's settings).
     """
     from .routing import reset_routing_stats, routing_stats
     (xtr, ytr), (xte, yte) = train, test
@@ -212,6 +278,10 @@ def fit(model: nn.Module, train, test, recipe: Recipe = Recipe(), *, seed: int =
         model.to(dev)
     else:
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    autocast(dev, precision)
+    scaler = make_grad_scaler(dev, precision, grad_scaler)
+    if scaler is not None and dev.type == "cpu":
+        warnings.warn(FP16_ON_CPU, UserWarning, stacklevel=2)
     _check_labels_fit(model, xtr.to(dev), torch.cat([ytr.long().flatten(), yte.long().flatten()]))
     opt = recipe.make_optimizer(model.parameters())
     gen = torch.Generator().manual_seed(seed)
@@ -227,7 +297,7 @@ def fit(model: nn.Module, train, test, recipe: Recipe = Recipe(), *, seed: int =
             t0 = time.perf_counter()
             reset_routing_stats(model)
             order = torch.randperm(len(xtr), generator=gen)
-            total_loss, correct = 0.0, 0
+            total_loss, correct, skipped = 0.0, 0, 0
             for i in range(0, len(xtr), recipe.batch):
                 idx = order[i:i + recipe.batch]
                 xb, yb = xtr[idx].to(dev), ytr[idx].to(dev)
@@ -235,8 +305,11 @@ def fit(model: nn.Module, train, test, recipe: Recipe = Recipe(), *, seed: int =
                 with autocast(dev, precision):
                     out = model(xb)
                     loss = task_loss(out, yb)
-                loss.backward()
-                opt.step()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                elif not _scaled_step(loss, opt, scaler):
+                    skipped += 1
                 total_loss += float(loss.detach()) * len(idx)
                 correct += int((out.detach().argmax(-1) == yb).sum())
                 if bar is not None:
@@ -252,7 +325,9 @@ def fit(model: nn.Module, train, test, recipe: Recipe = Recipe(), *, seed: int =
                 active_areas=None if first is None else first["active"],
                 alignment=_alignment(model, xtr[:256].to(dev), ytr[:256].to(dev))
                 if alignment else None,
-                nonfinite=nonfinite_count(model))
+                nonfinite=nonfinite_count(model),
+                extra={} if scaler is None else {"skipped_steps": skipped,
+                                                 "loss_scale": float(scaler.get_scale())})
             records.append(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec.train_loss:.3f}", test=f"{rec.test_acc:.1f}%")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from salcompile.errors import SalcompileError
+from salcompile.errors import NonFiniteGradient, SalcompileError
 
 _ADVICE = ("lower the learning rate, check the input data and the loss, or use "
            "feedback_scale='match' (keeps each feedback matrix at the scale of its weight)")
@@ -23,15 +23,16 @@ def _check(x: Tensor, layer: str, where: str) -> None:
         return
     nan = int(torch.isnan(x).sum())
     inf = int(torch.isinf(x).sum())
+    error = SalcompileError if where == "forward" else NonFiniteGradient
     if layer.startswith("input "):
         subject = f"model {layer}" if where == "forward" else f"gradient of the model {layer}"
-        raise SalcompileError(
+        raise error(
             f"non-finite value in the {subject} ({where}): {nan} NaN, {inf} inf of {x.numel()} "
             f"values; " + ("clean the input data (torch.nan_to_num, or drop the bad rows)"
                            if where == "forward" else _ADVICE) + ".")
     subject = (f"the output of layer {layer}" if where == "forward"
                else f"the gradient reaching layer {layer}")
-    raise SalcompileError(
+    raise error(
         f"non-finite value in {subject} ({where}): {nan} NaN, {inf} inf of {x.numel()} values; "
         f"{_ADVICE}.")
 
