@@ -14,6 +14,13 @@ What is batch-global in a transformed model, and how it is kept global (docs/dis
     ddp = salcompile.distributed.data_parallel(sal, device_ids=[rank])
     ...train...
     stats = salcompile.distributed.routing_stats(ddp)             # every rank calls it
+
+Fully sharded data parallelism (FSDP2, `torch.distributed.fsdp.fully_shard`) for a model whose
+parameters (and feedback matrices) do not fit on one device: `fully_shard`, implemented in
+salcompile/fsdp.py and exported here.
+
+    sal = salcompile.transform(model, example_inputs=(x,), areas=4, area_mode="replicate")
+    sal = salcompile.distributed.fully_shard(sal)                 # every rank, same seeds
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ from .routing import routing_counts_kept, unwrap
 from .routing import routing_stats as _local_stats
 
 __all__ = ["sync_gates", "data_parallel", "ignore_routing_counts", "routing_stats",
-           "reset_routing_stats", "unwrap"]
+           "reset_routing_stats", "unwrap", "fully_shard", "shard_units", "ShardUnit"]
 
 
 def sync_gates(enabled: bool = True, group: Optional["dist.ProcessGroup"] = None) -> None:
@@ -124,3 +131,6 @@ def routing_stats(module: nn.Module, group: Optional["dist.ProcessGroup"] = None
 def reset_routing_stats(module: nn.Module) -> None:
     """Zero this process's routing counters (on a transformed, compiled or DDP-wrapped module)."""
     _reset_local(unwrap(module))
+
+
+from .fsdp import ShardUnit, fully_shard, shard_units  # noqa: E402  (fsdp uses sync_gates above)

@@ -206,7 +206,10 @@ def _fast_backward(grad2, x2, rows, weight, feedback, bias_shape, blocks, areas,
     gxs = torch.empty_like(xs) if need_x else None
     # Every weight block is written once; zeros only where some part is never written.
     full_cover = len(spans) == areas and not (in_blk and out_blk)
-    gw = (torch.empty_like(weight) if full_cover else torch.zeros_like(weight)) if need_w else None
+    # contiguous, as the fake kernel says, whatever the weight's layout (channels_last, a view)
+    dense = torch.contiguous_format
+    gw = (torch.empty_like(weight, memory_format=dense) if full_cover else
+          torch.zeros_like(weight, memory_format=dense)) if need_w else None
     gb = weight.new_zeros(bias_shape) if need_b else None
     for k, r in spans:
         blk = blocks[k]

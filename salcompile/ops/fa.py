@@ -317,7 +317,8 @@ def _grouped_setup(ctx, inputs, output):
 def fa_grouped_mm_backward(grad: Tensor, x: Tensor, weight: Tensor, offs: Tensor,
                            feedback: Tensor, match_norm: bool) -> List[Tensor]:
     gx = rescale(_grouped(grad, feedback.mT, offs), feedback, weight, match_norm)  # dY·B[e]ᵀ
-    gw = torch.zeros_like(weight)   # dW[e] = X[e]ᵀ·dY[e], exactly backprop's
+    # dW[e] = X[e]ᵀ·dY[e], exactly backprop's; contiguous, as the fake says
+    gw = torch.zeros_like(weight, memory_format=torch.contiguous_format)
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
@@ -328,7 +329,7 @@ def fa_grouped_mm_backward(grad: Tensor, x: Tensor, weight: Tensor, offs: Tensor
 
 @fa_grouped_mm_backward.register_fake
 def _(grad, x, weight, offs, feedback, match_norm):
-    return [torch.empty_like(x), torch.empty_like(weight)]
+    return [x.new_empty(x.shape), weight.new_empty(weight.shape)]   # both contiguous
 
 
 def _grouped_backward(ctx, grad):
