@@ -2,11 +2,13 @@
 train-step graph (salcompile.export_train_step in a plain InferenceSession) vs torch eager.
 
     python benchmarks/ort_step_time.py [--steps 30] [--rounds 5] [--threads 1] [--batch 256]
-                                       [--areas 1]
+                                       [--areas 1] [--routed-form compact|masked]
 
 Model: salcompile.models.MLP(784, 1024, 10, depth=3) (784-1024-1024-10, ReLU), transformed with
 salcompile.transform(areas=--areas) (1: dense FA; feedback_scale="match": B rescaled to ||W|| every
-step; K > 1: SAL-K partition, which both ONNX forms run masked-dense),
+step; K > 1: SAL-K partition, whose routed layers both ONNX exports write in `--routed-form`:
+"compact" (default; rows sorted by area, each area's block on its own rows) or "masked" (every
+block on every row, masked)),
 float32, batch 256, cross-entropy on random labels, AdamW (torch.optim.AdamW lr 1e-3 /
 ORT's AdamW from generate_artifacts). Step = forward + backward + optimizer step (+ zero_grad /
 lazy_reset_grad). Both sides run with the same thread count (`--threads`:
@@ -47,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--areas", type=int, default=1)
+    ap.add_argument("--routed-form", choices=("compact", "masked"), default="compact",
+                    help="how both ONNX exports write routed (area) layers")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ort_step_time.md"))
     args = ap.parse_args(argv)
 
@@ -61,7 +65,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        export_ort_training(sal, (x[:8],), d, optimizer="adamw")
+        export_ort_training(sal, (x[:8],), d, optimizer="adamw", routed_form=args.routed_form)
         export_s = time.perf_counter() - t0
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
@@ -74,7 +78,8 @@ def main(argv=None) -> int:
         module.train()
         xn, yn = x.numpy(), y.numpy()
         t1 = time.perf_counter()
-        salcompile.export_train_step(sal, (x[:8],), d / "step.onnx", optimizer="adamw", lr=1e-3)
+        salcompile.export_train_step(sal, (x[:8],), d / "step.onnx", optimizer="adamw", lr=1e-3,
+                                     routed_form=args.routed_form)
         step_export_s = time.perf_counter() - t1
         graph = salcompile.TrainStepSession(d / "step.onnx", sal.state_dict(), sess_options=so)
 
@@ -125,13 +130,15 @@ def main(argv=None) -> int:
             f"{med[k] / med['torch eager']:.2f} |" for k in times]
     cmd = "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}"]
                                  + list(argv if argv is not None else sys.argv[1:]))
+    what = "dense FA" if args.areas == 1 else (f"SAL-{args.areas} partition, FA, routed layers "
+                                               f"{args.routed_form} in both ONNX exports")
     text = "\n".join([
         "# ONNX Runtime training step vs torch eager step (same model, AdamW)",
         "",
         f"`{cmd}`",
         "",
         f"MLP 784-1024-1024-10, salcompile.transform(areas={args.areas}) "
-        f"({'dense FA' if args.areas == 1 else f'SAL-{args.areas} partition, FA'}, "
+        f"({what}, "
         "feedback_scale=match), "
         f"float32, batch {args.batch}, cross-entropy, AdamW; {args.threads} thread(s) on both "
         f"sides (torch.set_num_threads, ORT intra_op_num_threads; inter_op 1). "

@@ -3,6 +3,7 @@
     python benchmarks/step_time.py [--device cpu|cuda] [--rows N] [--quick] [--rounds R]
     python benchmarks/step_time.py --billion [--rows N] [--steps 50]      # CUDA, bf16, 1.68 B SAL
     python benchmarks/step_time.py --paper-scale [--device cpu|cuda]     # 64-256-10 MLP, batch 16
+    python benchmarks/step_time.py --fused-vs-unfused [--rows N]   # top-k, shared path: fused?
 
 Model `din -> L x D -> dout` (salcompile.models.DeepMLP, ReLU, cross-entropy on random labels):
   CPU : 4096 rows, 256 -> 5 x 1024 -> 256, fp32;
@@ -579,6 +580,58 @@ def run_paper_scale(args):
     assert fast is None or fast.ENABLED
 
 
+# ---------------------------------------------------------------- --fused-vs-unfused
+def run_fused_vs_unfused(args):
+    """Top-k routing and the shared dense path, fused (compact form, the default) beside
+    fuse_regions=False (one area op per piece): SGD steps of a ReLU MLP, one thread, interleaved
+    rounds, median of the per-round means. Two sizes: the paper's (64-256-10, batch 16, K=16)
+    and a wider one (256 -> 3 x 512 -> 10, --rows rows, default 512, K=16)."""
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads if args.threads_given else 1)
+    rounds = args.rounds or (3 if args.quick else 9)
+    steps = args.steps_per_round or (3 if args.quick else 20)
+    cases = [("paper 64-256-10, 16 rows", MLP(64, 256, 10), 16, 64),
+             (f"256-3x512-10, {args.rows or 512} rows", MLP(256, 512, 10, depth=4),
+              args.rows or 512, 256)]
+    forms = [("top-2 partition", dict(route_top_k=2)),
+             ("top-2 replicate", dict(route_top_k=2, area_mode="replicate")),
+             ("shared 0.5", dict(shared_fraction=0.5))]
+    lines = ["| model | routing | fused µs/step | unfused µs/step | unfused / fused |",
+             "|---|---|---|---|---|"]
+    for case, base, rows, din in cases:
+        torch.manual_seed(0)
+        base = base.to(device)
+        x = torch.randn(rows, din, device=device)
+        y = torch.randint(0, 10, (rows,), device=device)
+        for form, kw in forms:
+            runners = [Runner(label, salcompile.transform(copy.deepcopy(base), (x,), areas=16,
+                                                          fuse_regions=fuse, **kw), x, y)
+                       for label, fuse in (("fused", True), ("unfused", False))]
+            for r in runners:
+                for _ in range(5):
+                    r.step()
+            for _ in range(rounds):
+                for r in runners:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        r.step()
+                    _sync(device)
+                    r.times.append((time.perf_counter() - t0) / steps)
+            f, u = (statistics.median(r.times) for r in runners)
+            lines.append(f"| {case} | {form} | {f * 1e6:.0f} | {u * 1e6:.0f} | {u / f:.2f} |")
+            print(lines[-1], flush=True)
+    cmd = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+    text = "\n".join([f"# Fused vs unfused step time ({args.device})", "", f"- command: `{cmd}`",
+                      f"- torch {torch.__version__}, threads: {torch.get_num_threads()}, SGD, "
+                      f"5 warm-up steps, {rounds} interleaved rounds x {steps} steps, medians",
+                      ""] + lines) + "\n"
+    print(text)
+    if args.out:
+        atomic_write_text(Path(args.out), text)
+        print(f"wrote {args.out}")
+
+
 # ---------------------------------------------------------------- --billion
 def run_billion(args):
     """--billion on CUDA in bf16; with --smoke, the same code on the CPU with the zoo entry's tiny
@@ -671,13 +724,17 @@ def main() -> None:
     ap.add_argument("--billion", action="store_true", help="the >= 1 B parameter replicate run (CUDA)")
     ap.add_argument("--smoke", action="store_true",
                     help="--billion's code on the CPU with the tiny model (checks the script)")
+    ap.add_argument("--fused-vs-unfused", action="store_true",
+                    help="top-k routing and the shared path, fused vs fuse_regions=False (1 thread)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--lr", type=float, default=0.05)
     args = ap.parse_args()
     args.threads_given = args.threads is not None
     if args.threads is None:
         args.threads = 2 if not torch.cuda.is_available() else 8
-    if args.paper_scale:
+    if args.fused_vs_unfused:
+        run_fused_vs_unfused(args)
+    elif args.paper_scale:
         run_paper_scale(args)
     elif args.billion:
         run_billion(args)

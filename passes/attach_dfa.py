@@ -27,10 +27,8 @@ import math
 import torch
 import torch.fx as fx
 
-from salcompile.config import SALConfig
 from salcompile.errors import SalcompileError
 from salcompile.feedback_init import draw_uniform
-from salcompile.layers import WeightTracer
 
 from ._buffers import register_beside
 from .context import PassContext

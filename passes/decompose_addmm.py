@@ -23,9 +23,9 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
 from salcompile.layers import WeightTracer, bind
+from ._meta import fake_val as _fake_val
 from .context import PassContext
 
 aten = torch.ops.aten
@@ -35,30 +35,6 @@ _ATEN = {aten.addmm.default: "addmm", aten.baddbmm.default: "baddbmm",
 _TORCH = {torch.addmm: "addmm", torch.baddbmm: "baddbmm", torch.addbmm: "addbmm"}
 _METHODS = {"addmm", "baddbmm", "addbmm"}
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-
-
-def _fake_val(target, args, kwargs=None) -> Optional[Any]:
-    """meta["val"] for a new node, computed on the fake tensors of its inputs (None without)."""
-    vals = []
-
-    def val(a):
-        if isinstance(a, fx.Node):
-            v = a.meta.get("val")
-            if v is None:
-                raise KeyError
-            vals.append(v)
-            return v
-        return a
-    try:
-        fa = fx.node.map_aggregate(args, val)
-        fk = fx.node.map_aggregate(kwargs or {}, val)
-    except KeyError:
-        return None
-    mode = detect_fake_mode(vals)
-    if mode is None:
-        return None
-    with mode:
-        return target(*fa, **fk)
 
 
 def _call(g: fx.Graph, target, args, like: fx.Node) -> fx.Node:

@@ -11,13 +11,11 @@ The feedback argument is left empty (backprop); attach_fa fills it. With
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from salcompile.config import SALConfig
 from salcompile.errors import SalcompileError
 from salcompile.layers import LayerSpec, WeightTracer
 from salcompile.validate import check_memory
@@ -97,7 +95,8 @@ def _top_k(g: fx.Graph, spec: LayerSpec, target, args, mode: str, k: int) -> fx.
     """Top-k routing: the layer once per choice (area = the row's j-th best), summed. In
     partition mode each call writes its own area's block (bias included); in dense mode (an
     exit) the k blocks read add up, with the bias once; in replicate mode the k copies add up.
-    The calls are `spec.parts`; attach_fa fills each one's feedback slot."""
+    The calls are `spec.parts`; attach_fa fills each one's feedback slot. fuse_regions turns the
+    k calls and their adds into one compact_linear over the rows' (row, choice) entries."""
     parts = []
     for j in range(k):
         a = list(args)
@@ -116,11 +115,12 @@ def _replicate(gm, tracer, name: str, k: int) -> torch.Tensor:
     return _replace_param(gm, tracer, name, lambda w: w.unsqueeze(0).repeat(k, *([1] * w.dim())))
 
 
-def _check_rows(entry, x: fx.Node, area: fx.Node) -> None:
+def _check_rows(entry, x: fx.Node, area: fx.Node, top_k: int = 1) -> None:
     xv, av = x.meta.get("val"), area.meta.get("val")
     if xv is None or av is None:
         return
-    lead, rows = [str(d) for d in av.shape], [str(d) for d in xv.shape[:-1]]
+    shape = av.shape[:-1] if top_k > 1 else av.shape   # top-k: areas [..., k]
+    lead, rows = [str(d) for d in shape], [str(d) for d in xv.shape[:-1]]
     if rows[:len(lead)] != lead:
         raise SalcompileError(
             f"layer {entry.name} reads rows {list(xv.shape)}, but its gate routes {list(av.shape)} "
@@ -162,7 +162,7 @@ def make_area_ops(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         area, anchor = routes[entry.gate]
         if spec.kind == "linear":
-            _check_rows(entry, spec.x, area)
+            _check_rows(entry, spec.x, area, config.route_top_k)
         mode = MODES[entry.area_mode]
         if mode == "replicate":
             entry.shape = list(_replicate(gm, tracer, spec.param, k).shape)

@@ -29,7 +29,7 @@ import torch.fx as fx
 from salcompile.config import SALConfig
 from salcompile.layers import LayerSpec
 
-from .decompose_addmm import _fake_val
+from ._meta import fake_val as _fake_val
 from .context import PassContext
 
 aten = torch.ops.aten

@@ -76,12 +76,12 @@ class SALConfig:
     route_top_k:    top-k routing (our extension, not the paper's): each row uses and updates its
                     k best areas (k of the K blocks in partition mode, summed at the exit; k of
                     the K copies, summed, in replicate mode). 1 (default): the paper's mutually
-                    exclusive areas. Regions with top-k > 1 run unfused.
+                    exclusive areas. Fused like top-1 regions (fuse_regions).
     shared_fraction: a shared dense path beside the areas (our reading of the paper's "dual
                     path", not the paper's own design): in each gated partition linear layer the
                     first fraction of the outputs is computed and updated by every row, the rest
                     is split into the K areas. 0 (default) is the pure partition; 1 is dense.
-                    Regions with a shared path run unfused.
+                    Fused like pure partition regions (fuse_regions).
     on_backprop:    what a layer salcompile cannot rewrite (it stays on backprop, listed in the plan
                     with the reason) does: "warn" (default) or "error" (transform raises: a
                     guarantee that nothing in the model trains by backprop).

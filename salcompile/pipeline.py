@@ -77,15 +77,18 @@ def _order(config: SALConfig):
         (p.guard_finite, lambda ctx: config.check_finite),
         # after feedback buffers and guards are in place
         (p.fuse_regions, lambda ctx: config.gated and config.area_impl == "fast"
-         and config.fuse_regions and not config.shared_fraction and config.route_top_k == 1),
+         and config.fuse_regions),   # top-k and shared paths too; fuse_regions=False: unfused
         (p.audit_parameters, always),        # last: every weight use of the finished graph
     ]
 
 
 def _run(step, gm, ctx):
     """One pass; an unexpected failure says which pass it came from."""
+    from .passes._meta import fill_vals
     try:
-        return step(gm, ctx)
+        gm = step(gm, ctx)
+        fill_vals(gm)   # the nodes it inserted carry a true meta["val"] (passes/_meta.py)
+        return gm
     except SalcompileError:
         raise
     except Exception as exc:

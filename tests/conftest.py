@@ -164,6 +164,84 @@ def assert_train_step_matches_sgd(sal, x, y, path, steps=3, lr=0.1):
                                    atol=1e-6, err_msg=n)
 
 
+def grads_of(module, x, y):
+    """(output, {parameter name: gradient}) of one cross-entropy backward of `module` on (x, y)."""
+    module.zero_grad()
+    out = module(x)
+    F.cross_entropy(out, y).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in module.named_parameters()
+                          if p.grad is not None}
+
+
+def assert_forms_agree(mods, opts, x, y, steps=3, reference="reference"):
+    """Over `steps` optimizer steps, every module of `mods` ({name: module}) gives the outputs and
+    every parameter gradient of mods[reference] (float64 tolerances)."""
+    for step in range(steps):
+        got = {n: grads_of(m, x, y) for n, m in mods.items()}
+        out, want = got[reference]
+        for name, (o, g) in got.items():
+            torch.testing.assert_close(o, out, rtol=1e-9, atol=1e-11, msg=f"{name} {step}")
+            assert g.keys() == want.keys()
+            for n in want:
+                torch.testing.assert_close(g[n], want[n], rtol=1e-9, atol=1e-11,
+                                           msg=f"{name} step {step}: {n}")
+        for o in opts.values():
+            o.step()
+
+
+def assert_compiles_and_exports(sal, x, y, want, tmp_path):
+    """salcompile.compile gives the gradients `want`; export_onnx runs in onnxruntime with the
+    eval-mode outputs."""
+    import numpy as np
+    import salcompile
+    torch._dynamo.reset()
+    compiled = salcompile.compile(sal)
+    sal.zero_grad()
+    F.cross_entropy(compiled(x), y).backward()
+    for n, p in sal.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    salcompile.export_onnx(sal, (x,), tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    sal.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0],
+                                   sal(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def run_workers(worker, world: int, timeout_s: float, what: str):
+    """Run worker(rank, store, out) in `world` spawned processes (each writes `out.rank<r>.done`
+    when it finishes, rank 0 `out`), kill what is left after `timeout_s`, and return rank 0's
+    torch.save'd results; a pytest failure with each rank's log when a rank did not finish."""
+    import tempfile
+    import time
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "out.pt")
+        spawn = mp.get_context("spawn")
+        procs = [spawn.Process(target=worker, args=(r, store, out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        try:
+            for p in procs:
+                p.join(max(0.1, deadline - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        done = [os.path.exists(f"{out}.rank{r}.done") for r in range(world)]
+        if not all(done) or not os.path.exists(out):
+            logs = "\n".join(f"--- rank {r} (exit code {p.exitcode}):\n" +
+                              open(f"{out}.rank{r}.log", errors="replace").read()[-3000:]
+                              for r, p in enumerate(procs) if os.path.exists(f"{out}.rank{r}.log"))
+            pytest.fail(f"{what} workers did not finish (done: {done}, timeout {timeout_s} s)"
+                        f"\n{logs}")
+        return torch.load(out, weights_only=False)
+
+
 def pytest_configure(config):
     # `slow`: the tests that compile or export real models (tests/test_hf_models.py, d and e).
     # They run by default, CI included; `pytest -m "not slow"` leaves them out of a quick loop.

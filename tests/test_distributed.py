@@ -2,18 +2,16 @@
 on the concatenated batch: parameters (the gates' P included) and the routing counters."""
 import inspect
 import os
-import tempfile
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import salcompile
+from conftest import run_workers
 import salcompile.distributed as sdist
 from salcompile.models import MLP
 from salcompile.ops.gate import local_rule_grad, route
@@ -100,28 +98,7 @@ def _worker(rank, store, out):
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    with tempfile.TemporaryDirectory() as tmp:
-        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "out.pt")
-        spawn = mp.get_context("spawn")
-        procs = [spawn.Process(target=_worker, args=(r, store, out)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            for p in procs:
-                p.join(max(0.1, deadline - time.monotonic()))
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-        done = [os.path.exists(f"{out}.rank{r}.done") for r in range(WORLD)]
-        if not all(done) or not os.path.exists(out):
-            logs = "\n".join(f"--- rank {r} (exit code {p.exitcode}):\n" +
-                              open(f"{out}.rank{r}.log", errors="replace").read()[-3000:]
-                              for r, p in enumerate(procs) if os.path.exists(f"{out}.rank{r}.log"))
-            pytest.fail(f"DDP workers did not finish (done: {done}, timeout {TIMEOUT_S} s)\n{logs}")
-        return torch.load(out, weights_only=False)
+    return run_workers(_worker, WORLD, TIMEOUT_S, "DDP")
 
 
 def _single_process(fields):

@@ -4,18 +4,16 @@ exactly as one process on the concatenated batch: `salcompile.distributed.fully_
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 import salcompile
+from conftest import run_workers
 import salcompile.distributed as sdist
 import salcompile.models as models
 from salcompile.errors import SalcompileError
@@ -129,29 +127,7 @@ def _worker(rank, store, out):
 
 @pytest.fixture(scope="module")
 def fsdp_results():
-    with tempfile.TemporaryDirectory() as tmp:
-        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "out.pt")
-        spawn = mp.get_context("spawn")
-        procs = [spawn.Process(target=_worker, args=(r, store, out)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            for p in procs:
-                p.join(max(0.1, deadline - time.monotonic()))
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-        done = [os.path.exists(f"{out}.rank{r}.done") for r in range(WORLD)]
-        if not all(done) or not os.path.exists(out):
-            logs = "\n".join(f"--- rank {r} (exit code {p.exitcode}):\n" +
-                              open(f"{out}.rank{r}.log", errors="replace").read()[-3000:]
-                              for r, p in enumerate(procs) if os.path.exists(f"{out}.rank{r}.log"))
-            pytest.fail(f"FSDP workers did not finish (done: {done}, timeout {TIMEOUT_S} s)"
-                        f"\n{logs}")
-        return torch.load(out, weights_only=False)
+    return run_workers(_worker, WORLD, TIMEOUT_S, "FSDP")
 
 
 def _single_process(name):

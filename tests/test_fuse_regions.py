@@ -80,6 +80,7 @@ def test_fuses_without_shape_metadata(feedback):
     (the layer reads the activation the gate routes, or a compact value), elementwise ops by
     their identity, residual adds by the widths of their source layers."""
     from salcompile.passes.fuse_regions import fuse_regions
+    from salcompile.passes.context import PassContext
     x = torch.randn(17, 8, dtype=D)
     model = Res().double()
     mods = _variants(model, x, areas=4, feedback=feedback)
@@ -87,7 +88,7 @@ def test_fuses_without_shape_metadata(feedback):
                                fuse_regions=False)
     for n in sal.graph.nodes:
         n.meta.pop("val", None)
-    fuse_regions(sal, sal.sal_plan, sal.sal_config)
+    fuse_regions(sal, PassContext(config=sal.sal_config, plan=sal.sal_plan))
     assert ops.area_linear.default not in _targets(sal)
     assert not [n for n in sal.graph.nodes if n.target is ops.scatter_blocks.default]
     mods["fused"] = sal
@@ -115,6 +116,22 @@ def test_replicate():
     for feedback in ("fa", "bp"):
         _check_same(_variants(_mlp(16, 4), x, areas=4, area_mode="replicate", feedback=feedback),
                     x)
+
+
+@pytest.mark.parametrize("kw", [dict(route_top_k=2), dict(route_top_k=3, area_mode="replicate"),
+                                dict(shared_fraction=0.5)])
+def test_top_k_and_shared_path_fuse_without_shape_metadata(kw):
+    """symbolic_trace (no example inputs, no shapes): a top-k region's and a shared path's rows
+    are proven through the row-wise ops between its layers (the replicate layers' summed
+    outputs, the shared path's slices, cats and dense pieces), and every layer is fused."""
+    torch.manual_seed(0)
+    x, model = torch.randn(13, 8, dtype=D), Res().double()
+    mods = {name: salcompile.transform(copy.deepcopy(model), areas=4, **kw, **extra)
+            for name, extra in (("reference", dict(area_impl="reference")),
+                                ("fast", dict(fuse_regions=False)), ("fused", {}))}
+    assert ops.area_linear.default not in _targets(mods["fused"])
+    assert ops.compact_linear.default in _targets(mods["fused"])
+    _check_same(mods, x)
 
 
 class Res(nn.Module):

@@ -382,7 +382,7 @@ def test_unsupported_configurations(tmp_path):
 def test_unknown_ops_say_to_use_reference_area_ops(tmp_path, monkeypatch):
     import salcompile.onnx.ort_artifacts as ot
 
-    def no_form(sal):
+    def no_form(sal, *args, **kwargs):
         raise SalcompileError("export_onnx: no ONNX form for salcompile.fancy_region.default.")
 
     monkeypatch.setattr(ot, "inference_graph", no_form)
@@ -445,3 +445,39 @@ def test_a_failed_export_leaves_no_empty_directory(tmp_path, monkeypatch):
     with pytest.raises(SalcompileError, match="simulated"):
         export_ort_training(sal, (x,), tmp_path / "kept")
     assert (tmp_path / "kept").is_dir()
+
+
+# ---------------------------------------------------------------- routed layers: compact / masked
+ROUTED = {   # name -> (model, example shape, classes, transform fields)
+    "partition": (lambda: MLP(16, 32, 4, depth=3), (16,), 4, {"areas": 4}),
+    "replicate": (lambda: MLP(16, 32, 4, depth=3), (16,), 4, {"areas": 4,
+                                                              "area_mode": "replicate"}),
+    "encoder": (TinyEncoder, (5, 16), 3, {"areas": 4}),   # routed per token
+}
+
+
+@pytest.mark.parametrize("form", ["compact", "masked"])
+@pytest.mark.parametrize("case", sorted(ROUTED))
+def test_routed_forms_give_the_torch_gradients(tmp_path, case, form):
+    """Both forms of the routed layers give torch's gradients (the sal16 cases above run the
+    default compact form with empty areas); the compact form sorts rows (TopK) and runs each
+    area's block on its own rows, the masked one runs every block on every row."""
+    import onnx
+    build, shape, classes, fields = ROUTED[case]
+    torch.manual_seed(0)
+    x = torch.randn((4,) + shape)
+    sal = salcompile.transform(build(), (x,), **fields)
+    export_ort_training(sal, (x,), tmp_path, optimizer="sgd", routed_form=form)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "training_model.onnx")).graph.node}
+    assert ("TopK" in ops) == (form == "compact")
+    xb, yb = _batch(shape, classes, 10, seed=2)
+    want = _torch_grads(sal, xb, yb)
+    _, got, _ = _ort_grads(tmp_path, xb, yb)
+    _close_all(got, want)
+
+
+def test_bad_routed_form_is_a_clear_error(tmp_path):
+    sal, x = _mlp()
+    with pytest.raises(SalcompileError, match="routed_form"):
+        export_ort_training(sal, (x,), tmp_path / "art", routed_form="sorted")
+    assert not (tmp_path / "art").exists()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import salcompile
-from conftest import assert_train_step_matches_sgd
+from conftest import assert_forms_agree, assert_train_step_matches_sgd
 from salcompile.errors import SalcompileError
 from salcompile.models import MLP
 from salcompile.passes.split_shared_path import shared_width
@@ -157,3 +157,56 @@ def test_save_load_and_compile(tmp_path):
 def test_train_step_graph_equals_torch_sgd(tmp_path):
     sal, _, x, y = _build(dtype=torch.float32, areas=4, shared_fraction=0.5)
     assert_train_step_matches_sgd(sal, x, y, tmp_path / "s.onnx")
+
+
+# ---------------------------------------------------------------- the fused (compact) form
+ops = torch.ops.salcompile
+
+
+def _targets(module):
+    return [n.target for n in module.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("rule", ["fa", "usf", "kp"])
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_fused_equals_unfused_and_reference_over_sgd_steps(rule, fraction):
+    """Fused: the routed pieces (area ops on slices of W) become compact_linear ops over rows
+    sorted once per gate; the shared dense pieces stay dense linears (on the sorted rows). Outputs
+    and every parameter gradient equal the unfused pieces and the masked-dense reference, step
+    after step."""
+    kw = dict(areas=4, shared_fraction=fraction, feedback=rule)
+    mods = {name: _build(**kw, **extra)[0] for name, extra in (
+        ("reference", dict(area_impl="reference")), ("unfused", dict(fuse_regions=False)),
+        ("fused", {}))}
+    _, _, x, y = _build()
+    fused, unfused = _targets(mods["fused"]), _targets(mods["unfused"])
+    assert ops.area_linear.default not in fused and ops.area_linear.default in unfused
+    assert fused.count(ops.compact_linear.default) == unfused.count(ops.area_linear.default)
+    assert fused.count(ops.region_sort.default) == 1
+    # sorted once at the region's entry, the dense pieces on the sorted rows too, every value
+    # [shared | own block] in between: one sort_rows in, one unsort_rows out
+    moves = [t for t in fused if t in (ops.sort_rows.default, ops.unsort_rows.default,
+                                       ops.gather_blocks.default, ops.scatter_blocks.default)]
+    assert moves == [ops.sort_rows.default, ops.unsort_rows.default], moves
+    names = {n.name for n in mods["fused"].graph.nodes}
+    for entry in mods["fused"].sal_plan.layers:   # the plan names the fused pieces
+        assert entry.node in names and set(entry.parts) <= names, entry
+    opts = {n: torch.optim.SGD(m.parameters(), lr=0.1) for n, m in mods.items()}
+    assert_forms_agree(mods, opts, x, y)
+
+
+def test_fused_shared_path_unfuses_to_the_same_values():
+    import torch.fx as fx
+    from salcompile.passes.fuse_regions import unfuse_regions
+    sal, _, x, y = _build(areas=4, shared_fraction=0.5)
+    plain, _, _, _ = _build(areas=4, shared_fraction=0.5, fuse_regions=False)
+    g = unfuse_regions(sal.graph)
+    targets = {n.target for n in g.nodes}
+    assert ops.area_linear.default in targets and not targets & {
+        ops.compact_linear.default, ops.region_sort.default, ops.sort_rows.default,
+        ops.gather_blocks.default}
+    out, want = _run(plain, x, y)
+    o, got = _run(fx.GraphModule(sal, g), x, y)
+    torch.testing.assert_close(o, out, rtol=1e-12, atol=1e-12)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12, msg=n)

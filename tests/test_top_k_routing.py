@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import salcompile
-from conftest import assert_train_step_matches_sgd
+from conftest import (assert_compiles_and_exports, assert_forms_agree,
+                      assert_train_step_matches_sgd, grads_of)
 from salcompile.errors import SalcompileError
 from salcompile.models import MLP
 from salcompile.ops.gate import route_topk
@@ -118,20 +119,7 @@ def test_export_onnx_compile_and_save_load(tmp_path):
     _, got = _run(salcompile.load(tmp_path / "m.pt2"), x, y)
     for n in want:
         torch.testing.assert_close(got[n], want[n], msg=n)
-    torch._dynamo.reset()
-    compiled = salcompile.compile(sal)
-    sal.zero_grad()
-    F.cross_entropy(compiled(x), y).backward()
-    for n, p in sal.named_parameters():
-        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    salcompile.export_onnx(sal, (x,), tmp_path / "m.onnx")
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
-    sal.eval()
-    with torch.no_grad():
-        np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0],
-                                   sal(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert_compiles_and_exports(sal, x, y, want, tmp_path)
 
 
 def test_train_step_graph_equals_torch_sgd_with_top_k(tmp_path):
@@ -140,11 +128,29 @@ def test_train_step_graph_equals_torch_sgd_with_top_k(tmp_path):
     assert_train_step_matches_sgd(sal, x, y, tmp_path / "s.onnx")
 
 
-def test_ort_training_artifacts_refuse_top_k_and_say_what_to_do(tmp_path):
-    pytest.importorskip("onnxruntime.training.api")
-    sal, x, _ = _build(dtype=torch.float32, route_top_k=2)
-    with pytest.raises(SalcompileError, match="route_top_k=2.*export_train_step"):
-        salcompile.export_ort_training(sal, (x,), tmp_path / "art")
+@pytest.mark.parametrize("mode", ["partition", "replicate"])
+def test_ort_training_step_gives_the_torch_gradients_with_top_k(tmp_path, mode):
+    """export_ort_training with top-2 routing: one ORT step's gradients (every layer's k blocks
+    per row, FA with match-scaled B, the gate's top-k local rule) equal torch's."""
+    api = pytest.importorskip("onnxruntime.training.api")
+    pytest.importorskip("onnxscript")
+    sal, x, _ = _build(dtype=torch.float32, route_top_k=2, area_mode=mode)
+    d = tmp_path / "art"
+    info = salcompile.export_ort_training(sal, (x,), d, optimizer="sgd")
+    assert info["gates"] == 1 and info["redirected"] >= 2
+    g = torch.Generator().manual_seed(3)
+    xb, yb = torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g)
+    _, want = _run(sal, xb, yb)
+    state = api.CheckpointState.load_checkpoint(str(d / "checkpoint"))
+    module = api.Module(str(d / "training_model.onnx"), state, str(d / "eval_model.onnx"))
+    module.train()
+    module(xb.numpy(), yb.numpy())
+    got = {n: np.array(p.grad) for n, p in state.parameters}
+    assert sorted(got) == sorted(n for n, _ in sal.named_parameters())
+    assert "sal_gates.gate_0.proj" in want
+    for n, w in want.items():
+        w = w.numpy()
+        assert np.abs(got[n] - w).max() <= 1e-5 * max(np.abs(w).max(), 1e-6), n
 
 
 def test_region_gate_topk_passes_opcheck():
@@ -159,3 +165,142 @@ def test_region_gate_topk_passes_opcheck():
     area, _ = torch.ops.salcompile.region_gate_topk(feats, proj, protos, 0.1, 0.5, 1)
     top1, _ = torch.ops.salcompile.region_gate(feats, proj, protos, 0.1, 0.5)
     assert torch.equal(area[:, 0], top1)
+
+
+# ---------------------------------------------------------------- the fused (compact) form
+ops = torch.ops.salcompile
+
+
+def _targets(module):
+    return [n.target for n in module.graph.nodes if n.op == "call_function"]
+
+
+def _three(**fields):
+    """reference, unfused fast, fused fast: one model, three transforms."""
+    mods = {name: _build(**fields, **extra)[0] for name, extra in (
+        ("reference", dict(area_impl="reference")), ("unfused", dict(fuse_regions=False)),
+        ("fused", {}))}
+    fused, unfused = _targets(mods["fused"]), _targets(mods["unfused"])
+    assert ops.compact_linear.default in fused and ops.area_linear.default not in fused
+    assert ops.compact_linear.default not in unfused and ops.area_linear.default in unfused
+    return mods
+
+
+@pytest.mark.parametrize("rule", ["fa", "kp"])
+@pytest.mark.parametrize("mode", ["partition", "replicate"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_fused_equals_unfused_and_reference_over_sgd_steps(k, mode, rule):
+    """Top-k fused: the rows' (row, choice) entries sorted once, each layer one compact_linear
+    over the k*N entries, the k terms of a row summed where a value leaves the compact form.
+    Outputs and every parameter gradient (layers, biases, KP's B, the gate's P) equal the unfused
+    area ops and the masked-dense reference, step after step."""
+    mods = _three(route_top_k=k, feedback=rule, area_mode=mode)
+    _, x, y = _build()
+    opts = {n: torch.optim.SGD(m.parameters(), lr=0.1) for n, m in mods.items()}
+    assert "sal_gates.gate_0.proj" in grads_of(mods["reference"], x, y)[1]
+    assert_forms_agree(mods, opts, x, y)
+
+
+def test_fused_token_routing_and_residual_adds():
+    """Per-token top-2 routing through an encoder's FFN, and a residual add of two compact
+    values inside a region: fused = unfused = reference."""
+    import copy
+    from conftest import Encoder, assert_grads_equal, grads
+    from torch import nn
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, h):
+            h = torch.relu(self.a(h))
+            return self.c(h + torch.tanh(self.b(h)) * 0.5)
+
+    torch.manual_seed(0)
+    for model, x in ((Encoder().double(), torch.randn(3, 5, 8, dtype=D)),
+                     (Res().double(), torch.randn(13, 8, dtype=D))):
+        mods = {name: salcompile.transform(copy.deepcopy(model), (x,), areas=K, route_top_k=2,
+                                           **extra)
+                for name, extra in (("reference", dict(area_impl="reference")),
+                                    ("unfused", dict(fuse_regions=False)), ("fused", {}))}
+        assert ops.area_linear.default not in _targets(mods["fused"])
+        want = grads(mods["reference"], x)
+        for name in ("unfused", "fused"):
+            torch.testing.assert_close(mods[name](x), mods["reference"](x), rtol=1e-9, atol=1e-10)
+            assert_grads_equal(grads(mods[name], x), want)
+
+
+def test_fused_top_k_unfuses_save_loads_compiles_and_exports(tmp_path):
+    """unfuse_regions gives the unfused top-k form back (what the ONNX exporters read); the fused
+    model saves, loads, compiles (no graph break) and exports to ONNX."""
+    import torch.fx as fx
+    from salcompile.passes.fuse_regions import unfuse_regions
+    sal, x, y = _build(dtype=torch.float32, route_top_k=2)
+    plain, _, _ = _build(dtype=torch.float32, route_top_k=2, fuse_regions=False)
+    assert ops.expand_rows.default in _targets(sal) and ops.sum_rows.default in _targets(sal)
+    out, want = _run(sal, x, y)
+    ref_out, ref = _run(plain, x, y)
+    torch.testing.assert_close(out, ref_out)
+    g = unfuse_regions(sal.graph)
+    targets = {n.target for n in g.nodes}
+    assert ops.area_linear.default in targets and not targets & {
+        ops.compact_linear.default, ops.region_sort.default, ops.expand_rows.default,
+        ops.sum_rows.default, ops.expand_blocks.default, ops.sum_blocks.default}
+    unfused = fx.GraphModule(sal, g)
+    o, got = _run(unfused, x, y)
+    torch.testing.assert_close(o, out)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], msg=n)
+    salcompile.save(sal, (x,), tmp_path / "m.pt2")
+    loaded = salcompile.load(tmp_path / "m.pt2")
+    assert ops.compact_linear.default in _targets(loaded)
+    _, got = _run(loaded, x, y)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(sal)(x).graph_break_count == 0
+    assert_compiles_and_exports(sal, x, y, want, tmp_path)
+
+
+def test_entry_ops_pass_opcheck_and_are_adjoint():
+    """expand_rows / sum_rows and expand_blocks / sum_blocks: fake shapes, autograd, and each
+    the other's adjoint (<expand(x), y> = <x, sum(y)>)."""
+    from torch.library import opcheck
+    torch.manual_seed(0)
+    rows, k, areas = 7, 2, 4
+    z = torch.rand(rows, areas).topk(k, -1).indices          # distinct areas per row
+    order, sarea, _ = ops.region_sort(z, areas)
+    x = torch.randn(rows, 8, dtype=D, requires_grad=True)
+    ye = torch.randn(rows, k, 8, dtype=D, requires_grad=True)
+    yb = torch.randn(rows, k, 2, dtype=D, requires_grad=True)
+    opcheck(ops.expand_rows, (x, order, k))
+    opcheck(ops.sum_rows, (ye, order, k))
+    opcheck(ops.expand_blocks, (x, order, sarea, areas, k))
+    opcheck(ops.sum_blocks, (yb, order, sarea, areas, k))
+    with torch.no_grad():
+        torch.testing.assert_close((ops.expand_rows(x, order, k) * ye).sum(),
+                                   (x * ops.sum_rows(ye, order, k)).sum())
+        torch.testing.assert_close((ops.expand_blocks(x, order, sarea, areas, k) * yb).sum(),
+                                   (x * ops.sum_blocks(yb, order, sarea, areas, k)).sum())
+        # entry j of row r: its row, and its area's block
+        e = ops.expand_blocks(x, order, sarea, areas, k).reshape(-1, 2)
+        r = order // k
+        torch.testing.assert_close(e, x.reshape(rows, areas, 2)[r, sarea])
+
+
+@pytest.mark.parametrize("path", ["grouped", "loop", "few"])
+def test_fused_top_k_on_each_compact_matmul_path(path, monkeypatch):
+    """compact_linear's three ways over the k*N entries (grouped_mm, the per-area loop, the
+    per-row weight blocks of few rows per area) give the reference's numbers; float32 so that
+    grouped_mm applies."""
+    from salcompile.ops import compact
+    monkeypatch.setattr(compact, "FORCE_LOOP", path == "loop")
+    monkeypatch.setattr(compact, "SMALL_ROWS_PER_AREA", 100 if path == "few" else 0)
+    mods = _three(dtype=torch.float32, route_top_k=2)
+    _, x, y = _build(dtype=torch.float32)
+    out, want = _run(mods["reference"], x, y)
+    o, got = _run(mods["fused"], x, y)
+    torch.testing.assert_close(o, out, rtol=1e-5, atol=1e-6)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=n)

@@ -333,3 +333,50 @@ def test_session_takes_the_archive_for_its_weights(tmp_path):
     a = TrainStepSession(tmp_path / "s.onnx", tmp_path / "m.pt2").step(x, y)
     b = TrainStepSession(tmp_path / "s.onnx", sal.state_dict()).step(x, y)
     assert a == pytest.approx(b, rel=1e-6)
+
+
+# ---------------------------------------------------------------- routed layers: compact / masked
+ROUTED = {   # name -> (model, example shape, classes, transform fields)
+    "partition16": (lambda: MLP(32, 64, 4, depth=3), (32,), 4, {"areas": 16}),
+    "replicate": (lambda: MLP(32, 64, 4, depth=3), (32,), 4, {"areas": 4,
+                                                              "area_mode": "replicate"}),
+    "top2": (lambda: MLP(32, 64, 4, depth=3), (32,), 4, {"areas": 4, "route_top_k": 2}),
+    "encoder": (lambda: TinyEncoder(), (5, 16), 3, {"areas": 4}),   # routed per token
+}
+
+
+@pytest.mark.parametrize("form", ["compact", "masked"])
+@pytest.mark.parametrize("case", sorted(ROUTED))
+def test_routed_forms_give_the_torch_gradients(tmp_path, case, form):
+    """One SGD step with lr=1e4: (parameter - new parameter) / lr = the gradient (lr·g
+    dominates p, so float32 keeps the gradient's own precision), which equals torch's FA /
+    area / local-rule gradient in both forms of the routed layers; batch 12 over 16 areas leaves
+    areas empty. The compact form sorts rows (TopK), the masked one does not."""
+    import onnx
+    build, shape, classes, fields = ROUTED[case]
+    torch.manual_seed(0)
+    x = torch.randn((6,) + shape)
+    sal = salcompile.transform(build(), (x,), **fields)
+    path = tmp_path / "s.onnx"
+    lr = 1e4
+    export_train_step(sal, (x,), path, optimizer="sgd", lr=lr, routed_form=form)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "TopK" in ops if form == "compact" or case == "top2" else "TopK" not in ops
+    g = torch.Generator().manual_seed(2)
+    xb = torch.randn((12,) + shape, generator=g)
+    yb = torch.randint(0, classes, (12,), generator=g)
+    ref = copy.deepcopy(sal)
+    ref.zero_grad()
+    F.cross_entropy(ref(xb), yb).backward()
+    sess = TrainStepSession(path, sal.state_dict())
+    sess.step(xb, yb)
+    new = sess.state_dict()
+    for n, p in sal.named_parameters():
+        _close(n, (p.detach().numpy() - np.asarray(new[n])) / lr, ref.get_parameter(n).grad,
+               1e-5)
+
+
+def test_bad_routed_form_is_a_clear_error(tmp_path):
+    sal, x = _mlp(areas=4)
+    with pytest.raises(SalcompileError, match="routed_form"):
+        export_train_step(sal, (x,), tmp_path / "s.onnx", routed_form="sorted")

@@ -240,12 +240,6 @@ def refuse_training_export(sal, who: str) -> None:
             return "weight gathered by indices"
         return None
     odd = [f"{l.name} ({why(l)})" for l in sal.sal_plan.layers if why(l)]
-    top_k = sal.sal_plan.config.get("route_top_k", 1)
-    if top_k > 1 and who == "export_ort_training":
-        raise SalcompileError(
-            f"{who}: route_top_k={top_k} (top-k routing) is not supported by the ONNX Runtime "
-            "training artifacts yet. Use export_train_step (one graph: forward, gradients and "
-            "update), or train in torch; export_onnx gives the inference graph.")
     if odd:
         raise SalcompileError(
             f"{who}: layers {', '.join(odd)} are not supported by the ONNX Runtime training "

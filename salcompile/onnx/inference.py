@@ -23,7 +23,6 @@ dynamic dimensions are `batch` and `sequence` (dimension 1 of an input, where it
 from __future__ import annotations
 
 import operator
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
@@ -116,9 +115,11 @@ def _replace_value(node: fx.Node, value) -> None:
         user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
 
 
-def inference_graph(sal) -> fx.GraphModule:
+def inference_graph(sal, routed_form: str = "masked") -> fx.GraphModule:
     """An eval-mode GraphModule equal to `sal`'s forward, built of aten ops only (shares `sal`'s
-    parameters). What export_onnx exports."""
+    parameters). What export_onnx exports. routed_form="compact" (export_ort_training): linear
+    area layers become salcompile_onnx::routed_linear, exported in the sorted compact form
+    (onnx/compact.py) by its custom translation."""
     s, area_ops = _ops()
     from ..passes.fuse_regions import unfuse_regions
     g = unfuse_regions(sal.graph)   # a copy; fused regions back to one area op per layer
@@ -162,6 +163,9 @@ def inference_graph(sal) -> fx.GraphModule:
         elif t in linear_targets:
             fn, args = _onnx_area_linear, _pick(node, "x", "area", "weight", "bias", "areas",
                                                 "mode", "input_block")
+            if routed_form == "compact":
+                from .compact import routed_linear
+                fn = routed_linear._opoverload
         elif t in conv_targets:
             fn, args = _onnx_area_conv, _pick(node, "x", "area", "weight", "bias", "stride",
                                               "padding", "dilation", "groups", "areas", "mode",

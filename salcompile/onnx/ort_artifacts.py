@@ -6,9 +6,13 @@ writes `training_model.onnx`, `eval_model.onnx`, `optimizer_model.onnx` and `che
 `onnxruntime.training.api` (onnxruntime-training 1.19.2). One ORT training step computes the
 gradients of one torch step of the transformed module (same loss, same batch):
 
-  * the forward is the module's train-mode forward, exported like export_onnx (routed area layers
-    in masked-dense form), with batch norm written out with batch statistics and marker nodes on
-    the tensors the edits below need; ORT's `generate_artifacts` builds a backprop training graph;
+  * the forward is the module's train-mode forward, exported like export_onnx, with linear
+    routed (area) layers in the sorted compact form (routed_form="compact", the default:
+    onnx/compact.py; each area's block runs on its own rows, one sentinel row per area keeps
+    ORT's gradient graph valid for empty areas) or masked-dense (routed_form="masked"; area
+    convolutions always), with batch norm written out with batch statistics and marker nodes
+    on the tensors the edits below need; ORT's `generate_artifacts` builds a backprop training
+    graph;
   * FA: after the loss, every backward read of an FA weight W, or of a weight-only forward chain
     of it (Transpose(W), an area's Slice block of W...; mirrored for B), reads an added
     initializer holding the feedback buffer B instead. Weight gradients never read W's values, so
@@ -19,13 +23,14 @@ gradients of one torch step of the transformed module (same loss, same batch):
     reshape(reshape(e, [-1, n_out]) @ D_l, shape(tap)), e the gradient of the network output,
     exactly dfa_output's backward; the gradients the tap's consumers computed are dropped, which
     is what the torch module's `tap.detach()` reads do;
-  * areas (SAL gates): only the row's area block computes that row (masked), so ORT's gradient of
+  * areas (SAL gates): only the row's area block computes that row, so ORT's gradient of
     a weight block sums only the rows routed to it, as torch's area ops do. The gate's
     projection P is trained by its local rule, as in torch: the forward adds 0·ΣP to the output
     (so ORT makes P trainable), and P's gradient is then replaced by nodes computing
     salcompile.ops.gate.local_rule_grad (winner cross-entropy + load balance, batch statistics of
-    this process). The prototypes are constants. Gradients of every parameter, P included, equal
-    the torch module's.
+    this process; with top-k routing, SALConfig(route_top_k=k), the target is the k winners'
+    mean one-hot and the fractions count selections). The prototypes are constants. Gradients
+    of every parameter, P included, equal the torch module's.
 
 Checkpoint parameter names are the module's state_dict names; parameters with
 requires_grad=False are frozen (kept in the checkpoint, not trained), every other one is trainable.
@@ -101,7 +106,8 @@ def _translation_table():
     def mark(x, kind: int, index: int):
         return op(x, kind=kind, index=index)
 
-    return {torch.ops.salcompile_ort.mark.default: mark}
+    from .compact import ort_table
+    return {torch.ops.salcompile_ort.mark.default: mark, **ort_table()}
 
 
 def _require_ort_training():
@@ -152,7 +158,8 @@ def _replace_uses(node: fx.Node, new: fx.Node) -> None:
     node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
 
 
-def _training_graph(sal) -> Tuple[fx.GraphModule, List[Tuple[str, str]], List[Dict]]:
+def _training_graph(sal, routed_form: str = "compact"
+                    ) -> Tuple[fx.GraphModule, List[Tuple[str, str]], List[Dict]]:
     """(the train-mode forward in aten ops with markers, [(tap marker index -> D buffer)],
     [gate info]). Works on a copy of the module's graph; parameters are shared."""
     s = torch.ops.salcompile
@@ -201,7 +208,7 @@ def _training_graph(sal) -> Tuple[fx.GraphModule, List[Tuple[str, str]], List[Di
     gates: List[Dict] = []
     out_node = next(n for n in g.nodes if n.op == "output")
     for gate in [n for n in g.nodes if n.op == "call_function"
-                 and n.target is s.region_gate.default]:
+                 and n.target in (s.region_gate.default, s.region_gate_topk.default)]:
         feats, proj, protos, temperature, balance = gate.args[:5]
         k = len(gates)
         with g.inserting_before(gate):
@@ -217,7 +224,9 @@ def _training_graph(sal) -> Tuple[fx.GraphModule, List[Tuple[str, str]], List[Di
             _replace_uses(a, ma)
         gates.append({"proj": proj.target, "prototypes": protos.target,
                       "temperature": float(temperature), "balance_weight": float(balance),
-                      "areas": int(sal.get_buffer(protos.target).shape[0]), "index": k})
+                      "areas": int(sal.get_buffer(protos.target).shape[0]), "index": k,
+                      "top_k": int(gate.args[5]) if gate.target is s.region_gate_topk.default
+                      else 1})
     # 4. the output: + 0·ΣP per gate (P joins ORT's gradient graph), then the OUT marker
     val = out_node.args[0]
     single = isinstance(val, fx.Node)
@@ -237,7 +246,7 @@ def _training_graph(sal) -> Tuple[fx.GraphModule, List[Tuple[str, str]], List[Di
     g.lint()
     tmp = SALModule(sal, g, sal.sal_plan, sal.sal_config)
     try:
-        gm = inference_graph(tmp)
+        gm = inference_graph(tmp, routed_form)
     except SalcompileError as exc:
         if "no ONNX form" in str(exc):
             raise SalcompileError(
@@ -321,13 +330,15 @@ def _edit_training_model(model, sal, marks, taps, gates, params) -> Dict[str, in
             model, gate["proj"],
             lambda out: ge.local_rule_nodes(b, marks[(FEATURES, k)][1], gate["proj"], p_init,
                                             marks[(AREA, k)][1], gate["temperature"],
-                                            gate["balance_weight"], gate["areas"], out), names)
+                                            gate["balance_weight"], gate["areas"], out,
+                                            gate["top_k"]), names)
         if not done:
             raise SalcompileError(f"{WHO}: the training graph computes no gradient for gate "
                                   f"projection {gate['proj']} (internal error).")
         counts["gates"] += 1
     ge.toposort(model)   # added nodes sit at the end; prune needs producers before users
     ge.prune(model)
+    ge.sums_of_gemms_to_adds(model)
     return counts
 
 
@@ -350,7 +361,8 @@ def _eval_dropout_off(model) -> None:
 
 def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir,
                         loss: str = "cross_entropy", optimizer: str = "adamw",
-                        force: bool = False, dynamic_batch: bool = True) -> Dict[str, Any]:
+                        force: bool = False, dynamic_batch: bool = True,
+                        routed_form: str = "compact") -> Dict[str, Any]:
     """Write ONNX Runtime training artifacts of a transformed module into `out_dir`.
 
     `module`: a module returned by salcompile.transform (FA, DFA, BP, usf, brsf or frsf; dense or with
@@ -358,7 +370,9 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir,
     `example_inputs`: a tuple of inputs (a batch of 2 or more when `dynamic_batch`, which makes
     dimension 0 of every input dynamic). `loss`: 'cross_entropy' (ORT's mean
     SoftmaxCrossEntropyLoss; labels int64 of shape [batch]) or 'mse' (mean). `optimizer`: 'adamw'
-    or 'sgd'. `out_dir` is created if missing; existing artifacts in it are an error unless
+    or 'sgd'. `routed_form`: 'compact' (default) or 'masked', how linear routed (area) layers
+    are written (the module docstring says how; the gradients are the same). `out_dir` is
+    created if missing; existing artifacts in it are an error unless
     `force`. Files are written under temporary names and renamed into place.
 
     One ORT train step gives the torch module's FA / DFA gradients (see the module docstring for
@@ -370,14 +384,17 @@ def export_ort_training(module, example_inputs: Tuple[Any, ...], out_dir,
     """
     sal = require_sal(module)
     from .common import refuse_training_export
+    from .compact import check_form
     refuse_training_export(sal, "export_ort_training")
+    check_form(WHO, routed_form)
     _check_supported(sal, loss, optimizer)
     _require_onnx(WHO)
     artifacts = _require_ort_training()
     created = not Path(out_dir).exists()
     out = check_output_dir(out_dir)
     try:
-        return _export(sal, example_inputs, out, loss, optimizer, dynamic_batch, force, artifacts)
+        return _export(sal, example_inputs, out, loss, optimizer, dynamic_batch, force,
+                       artifacts, routed_form)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()   # a failed export leaves no empty directory behind
@@ -402,7 +419,8 @@ def _checkable(model):
     return copy
 
 
-def _export(sal, example_inputs, out, loss, optimizer, dynamic_batch, force, artifacts):
+def _export(sal, example_inputs, out, loss, optimizer, dynamic_batch, force, artifacts,
+            routed_form="compact"):
     present = [f for f in ARTIFACTS if (out / f).exists()]
     if present and not force:
         raise SalcompileError(f"{out} already holds {', '.join(present)}; pass force=True "
@@ -413,9 +431,11 @@ def _export(sal, example_inputs, out, loss, optimizer, dynamic_batch, force, art
 
     import onnx
     from . import ort_graph_edit as ge
-    gm, taps, gates = _training_graph(sal)
+    from .compact import fix_splits
+    gm, taps, gates = _training_graph(sal, routed_form)
     proto, _ = export_graph(gm, example_inputs, dynamic_batch, WHO, OPSET,
                             custom_translation_table=_translation_table())
+    fix_splits(proto)
     marks = ge.take_markers(proto)
     ge.fix_pitfalls(proto, WHO)
     params = [n for n, _ in sal.named_parameters()]

@@ -271,6 +271,38 @@ def override_gradient(model, tensor: str, build: Callable[[str], None], names: N
     return True
 
 
+def sums_of_gemms_to_adds(model) -> int:
+    """Sum nodes that read a Gemm output become a chain of Adds (the same values). ORT's
+    GemmSumFusion (run when a session loads the graph) fails an internal check on
+    Gemm -> Sum when the Gemm reads output 2 or later of a multi-output node (a Split of a
+    weight's area blocks, whose gradients are accumulated when top-k routing uses each block
+    twice). Returns the number of Sum nodes rewritten."""
+    from onnx import helper
+    g = model.graph
+    gemm_outputs = {o for n in g.node if n.op_type == "Gemm" and n.domain in ("", "ai.onnx")
+                    for o in n.output}
+    names = Names(model)
+    done = 0
+    out = []
+    for n in g.node:
+        ins = [i for i in n.input if i]
+        if n.op_type != "Sum" or n.domain not in ("", "ai.onnx") or len(ins) < 2 or \
+                not any(i in gemm_outputs for i in ins):
+            out.append(n)
+            continue
+        acc = ins[0]
+        for k, i in enumerate(ins[1:]):
+            last = k == len(ins) - 2
+            res = n.output[0] if last else names(f"{n.output[0]}_partial")
+            out.append(helper.make_node("Add", [acc, i], [res],
+                                        name=n.name if last else names(f"{n.name}_add")))
+            acc = res
+        done += 1
+    del g.node[:]
+    g.node.extend(out)
+    return done
+
+
 def prune(model) -> None:
     """Drop nodes none of whose outputs is needed (graph outputs and their ancestors), then
     initializers nothing reads. The nodes must be topologically sorted."""
@@ -332,8 +364,11 @@ def direct_error_nodes(b: Builder, err: str, d_name: str, tap: str, out: str) ->
 
 
 def local_rule_nodes(b: Builder, features: str, proj: str, prototypes: str, area: str,
-                     temperature: float, balance_weight: float, areas: int, out: str) -> None:
-    """out = dL_local/dP, ops/gate.py local_rule_grad for one process."""
+                     temperature: float, balance_weight: float, areas: int, out: str,
+                     top_k: int = 1) -> None:
+    """out = dL_local/dP, ops/gate.py local_rule_grad for one process. `top_k` > 1: `area` is
+    [..., k] (each row's k winners); the target is the k winners' mean one-hot, f_k counts
+    selections (each row k times) and the mean is over rows."""
     f_dim = b.op("Slice", [b.op("Shape", [proj]), b.const([1], np.int64, "one"),
                            b.const([2], np.int64, "two")])
     rows = b.op("Reshape", [features, b.op("Concat", [b.const([-1], np.int64, "minus_one"),
@@ -345,12 +380,22 @@ def local_rule_nodes(b: Builder, features: str, proj: str, prototypes: str, area
     tau = b.const(temperature, name="temperature")
     s = b.op("Div", [b.op("MatMul", [z, b.op("Transpose", [prototypes], perm=[1, 0])]), tau])
     p = b.op("Softmax", [s], axis=-1)
-    a = b.op("Reshape", [area, b.const([-1], np.int64, "flat")])
-    y = b.op("OneHot", [a, b.const(areas, np.int64, "depth"),
-                        b.const([0.0, 1.0], name="onehot_values")], axis=-1)
-    counts = b.op("ReduceSum", [y, b.const([0], np.int64, "axis0")], keepdims=0)
+    depth = b.const(areas, np.int64, "depth")
+    values = b.const([0.0, 1.0], name="onehot_values")
+    if top_k > 1:
+        a = b.op("Reshape", [area, b.const([-1, top_k], np.int64, "rows_by_choice")])
+        hot = b.op("OneHot", [a, depth, values], axis=-1)                  # [N, k, K]
+        y = b.op("Div", [b.op("ReduceSum", [hot, b.const([1], np.int64, "axis1")], keepdims=0),
+                         b.const(float(top_k), name="choices")])         # mean one-hot
+        counts = b.op("ReduceSum", [hot, b.const([0, 1], np.int64, "axes01")], keepdims=0)
+    else:
+        a = b.op("Reshape", [area, b.const([-1], np.int64, "flat")])
+        y = b.op("OneHot", [a, depth, values], axis=-1)
+        counts = b.op("ReduceSum", [y, b.const([0], np.int64, "axis0")], keepdims=0)
     total = b.op("Max", [b.op("ReduceSum", [counts], keepdims=0), b.const(1.0, name="one_f")])
     frac = b.op("Div", [counts, total])
+    if top_k > 1:   # the mean is over rows: selections / k
+        total = b.op("Div", [total, b.const(float(top_k), name="choices_rows")])
     pf = b.op("ReduceSum", [b.op("Mul", [p, frac]), minus_one], keepdims=1)
     bal = b.op("Mul", [b.op("Mul", [p, b.op("Sub", [frac, pf])]),
                        b.const(balance_weight * areas, name="balance")])

@@ -11,12 +11,15 @@ rule) written out as ordinary ONNX ops, and one optimizer update exactly as torc
 It needs no onnxruntime-training: a plain `onnxruntime.InferenceSession` runs it.
 
 How it is built: a copy of the module's graph is made traceable (routing statistics and finite
-checks dropped, fast area ops replaced by their masked-dense references, which the tests prove
-equal in outputs and gradients); a Python `step` function runs it with torch.func.functional_call,
-takes torch.autograd.grad (the custom ops' registered backward formulas: FA's dX = dY·B, DFA's
-e·D, the gates' local rule), applies the optimizer, and is traced by make_fx into aten ops (each
-salcompile custom op replaced by an aten form of its forward); that graph goes through the
-standard dynamo ONNX exporter.
+checks dropped; routed linear layers kept as the fast area op, whose forward and registered
+backward onnx/compact.py exports in the sorted compact form (routed_form="compact"), or replaced
+by their masked-dense references (routed_form="masked", and area convolutions always), which the
+tests prove equal in outputs and gradients); a Python `step` function runs it with
+torch.func.functional_call, takes torch.autograd.grad (the custom ops' registered backward
+formulas: FA's dX = dY·B, DFA's e·D, the gates' local rule), applies the optimizer, and is traced
+by make_fx into aten ops (each salcompile custom op replaced by an aten form of its forward, the
+compact area ops kept for their translations); that graph goes through the standard dynamo ONNX
+exporter.
 
 Names (the I/O convention):
   inputs   every parameter under its state_dict name (`fc1.weight`), every buffer the forward
@@ -137,9 +140,12 @@ def _step_function(gm, spec: _Spec, loss: str, opt: _Optimizer):
         carried = [*new_params, *mutable, *new_state]
         # each output in its input's shape: the exporter writes a Python 1 as a [1] constant,
         # so `count + 1` or `num_batches_tracked.add_(1)` would come out as [1], not []
+        # (0-dim ones only: a same-shape reshape of a tensor is exported as a Reshape node,
+        # which onnxruntime runs as a copy of every updated parameter and optimizer slot)
         olds = flat[:len(carried)]
         return (value.detach().reshape(()),
-                *(t.reshape(o.shape) for t, o in zip(carried, olds)))
+                *(t if t.dim() and tuple(t.shape) == tuple(o.shape) else t.reshape(o.shape)
+                  for t, o in zip(carried, olds)))
 
     return step
 
@@ -185,12 +191,13 @@ def _trace(step, flat, n_data: int, dynamic_batch: bool):
 
 
 # ---------------------------------------------------------------- ONNX
-def _export_onnx(traced, flat, spec: _Spec, dynamic_batch: bool):
+def _export_onnx(traced, flat, spec: _Spec, dynamic_batch: bool, table=None):
     from torch.export import Dim
     n_data = len(spec.data)
     dyn = [None] * (len(flat) - n_data) + [
         {0: Dim.AUTO} if dynamic_batch and t.dim() > 0 else None for t in flat[-n_data:]]
-    return dynamo_export(traced, tuple(flat), tuple(dyn), _WHO, OPSET)
+    return dynamo_export(traced, tuple(flat), tuple(dyn), _WHO, OPSET,
+                         custom_translation_table=table)
 
 
 def _rename(model, spec: _Spec, values: Dict[str, torch.Tensor]) -> None:
@@ -283,7 +290,8 @@ def export_train_step(module, example_inputs: Tuple[Any, ...], path, loss: str =
                       optimizer: str = "adamw", lr: float = 1e-3,
                       weight_decay: Optional[float] = None, betas: Sequence[float] = (0.9, 0.999),
                       eps: float = 1e-8, momentum: float = 0.0, nesterov: bool = False,
-                      dynamic_batch: bool = True, force: bool = False) -> Dict[str, Any]:
+                      dynamic_batch: bool = True, force: bool = False,
+                      routed_form: str = "compact") -> Dict[str, Any]:
     """Write one SAL training step of `module` to `path` as a self-contained ONNX graph.
 
     The graph maps (parameters, optimizer state, a batch, its targets) to (loss, updated
@@ -297,8 +305,11 @@ def export_train_step(module, example_inputs: Tuple[Any, ...], path, loss: str =
     `dynamic_batch`, which makes the batch dimension of the data dynamic). An existing `path` is
     an error unless `force`; the file is written atomically.
 
-    Routed (area) layers run in masked-dense form (every area's block on every row, masked: the
-    routed result and gradients, K× the compute). Batch norm trains with batch statistics and
+    `routed_form`: how routed (area) layers run. 'compact' (the default): each linear area
+    layer's rows are sorted by area and each area's block of the weight runs on its own rows
+    only, forward and backward (onnx/compact.py; area convolutions stay masked-dense);
+    'masked': every area's block on every row, masked (K× the compute). Both give the routed
+    result and gradients. Batch norm trains with batch statistics and
     its running statistics are carried state. Dropout (plain and channel) draws its own masks
     in the graph (RandomUniformLike): the distribution is torch's, the numbers are not.
     The file holds the graph only, no weights: TrainStepSession takes them from the module, its
@@ -322,18 +333,25 @@ def export_train_step(module, example_inputs: Tuple[Any, ...], path, loss: str =
         raise SalcompileError(f"{_WHO}: with dynamic_batch, example_inputs need a batch of 2 or "
                               "more (a batch of 1 would fix the graph's batch size at 1); pass "
                               "a bigger batch or dynamic_batch=False.")
+    from .compact import check_form, train_step_table
+    check_form(_WHO, routed_form)
     opt = _Optimizer(optimizer, lr, weight_decay, betas, eps, momentum, nesterov)
-    gm = _trainable_graph(sal)
+    gm = _trainable_graph(sal, routed_form)
     mutable, out = _probe(gm, example_inputs)
     spec = _Spec(sal, mutable, len(example_inputs), opt)
     target = _example_target(out, loss)
     flat = _example_flat(sal, spec, example_inputs, target)
     traced = _trace(_step_function(gm, spec, loss, opt), flat, len(spec.data), dynamic_batch)
+    exported = set(train_step_table()) if routed_form == "compact" else set()
     left = sorted({str(n.target) for n in traced.graph.nodes if n.op == "call_function"
-                   and str(n.target).startswith("salcompile.")})
+                   and str(n.target).startswith("salcompile.") and n.target not in exported})
     if left:
         raise SalcompileError(f"{_WHO}: no ONNX form for {', '.join(left)}.")
-    model = _export_onnx(traced, flat, spec, dynamic_batch)
+    from .compact import fix_splits, sharing
+    with sharing():
+        model = _export_onnx(traced, flat, spec, dynamic_batch,
+                             train_step_table() if routed_form == "compact" else None)
+    fix_splits(model)
     buffers = dict(sal.named_buffers())
     _rename(model, spec, {n: buffers[n] for n in spec.constants})
     model.doc_string = (f"salcompile train step: loss={loss}, optimizer={optimizer}, "

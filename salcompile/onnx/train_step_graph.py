@@ -2,7 +2,8 @@
 mode, aten forms of the ops the ONNX exporter cannot translate, the loss and the optimizers.
 
 Graph-level replacements (before autograd, so their backward is made of ordinary ops):
-  fast area ops -> their masked-dense references; scaled_dot_product_attention -> matmul +
+  fast area ops -> their masked-dense references (linear ones kept with routed_form="compact",
+  exported by onnx/compact.py); scaled_dot_product_attention -> matmul +
   softmax; batch norm -> mean/var arithmetic with the running-statistics update written out.
 Trace-level decompositions (make_fx's decomposition_table, below autograd): the salcompile custom
 ops' forwards, and aten.convolution_backward as convolutions.
@@ -24,15 +25,21 @@ _WHO = WHO
 
 
 # ---------------------------------------------------------------- making the graph traceable
-def _trainable_graph(sal) -> fx.GraphModule:
+def _trainable_graph(sal, routed_form: str = "masked") -> fx.GraphModule:
     """A copy of `sal` (sharing its parameters) whose graph make_fx can trace in training mode:
-    no routing counters, no finite checks, masked-dense area ops."""
+    no routing counters, no finite checks, masked-dense area ops (routed_form="masked"), or with
+    "compact" the fast area_linear op kept (reference ones become it: the same outputs and
+    gradients), which onnx/compact.py exports in the sorted compact form; area convolutions are
+    masked-dense in both."""
     from ..ops import areas as area_ops
     s = torch.ops.salcompile
     from ..passes.fuse_regions import unfuse_regions
     g = unfuse_regions(sal.graph)   # a copy; fused regions back to one area op per layer
     swap = {s.area_linear.default: area_ops.area_linear_reference,
             s.area_conv.default: area_ops.area_conv_reference}
+    if routed_form == "compact":
+        swap = {area_ops.area_linear_reference: s.area_linear.default,
+                s.area_conv.default: area_ops.area_conv_reference}
     for node in list(g.nodes):
         t = node.target
         if node.op == "call_module" and t == "_guards_fn":
@@ -246,6 +253,9 @@ def _decompositions() -> Dict[Any, Any]:
         s.region_gate_topk.default: _route_topk,
         s.global_route_counts.default: lambda c: torch.cat([c, c.new_ones(1)]),
         aten.convolution_backward.default: _conv_backward,
+        # ReLU's backward as one product with its mask (onnxruntime's Where with a scalar
+        # branch is a slow broadcast); threshold_backward's value wherever dY is finite
+        aten.threshold_backward.default: lambda g, x, t: g * (x > t).to(g.dtype),
         aten.one_hot.default: lambda t, n=-1: (t.unsqueeze(-1) == torch.arange(
             n, device=t.device)).to(torch.long),
     }
@@ -317,5 +327,9 @@ class _Optimizer:
         c2 = 1 - torch.pow(b2, s64)
         step_size = (lr / c1).to(p.dtype)
         c2_sqrt = c2.sqrt().to(p.dtype)
+        if lr > 0:   # step_size folded into the (scalar) factors of the denominator: one
+            # pass over the parameter fewer; the same value up to rounding
+            denom = v.sqrt() * (1.0 / (c2_sqrt * step_size)) + self.eps / step_size
+            return p - m / denom, [m, v]
         denom = v.sqrt() / c2_sqrt + self.eps
         return p - step_size * (m / denom), [m, v]

@@ -15,6 +15,9 @@ Ops (the leading dims of x are kept; rows are the flattened leading dims):
          int32 cumulative counts, all on device (scatter_add_ + cumsum): no host sync.
   sort_rows / unsort_rows          FULL <-> original order (a permutation; adjoint of each other).
   gather_blocks / scatter_blocks   full-width area-sparse original order <-> BLOCK compact.
+  expand_rows / sum_rows, expand_blocks / sum_blocks   top-k routing (areas [..., k]): the sort
+         is of the R*k (row, choice) entries; expand_* give each entry its row (or its area's block
+         of it), [..., k, F]; sum_* are their adjoints (a row's k entries summed / put in place).
   compact_linear(x, sorted_area, anchor, weight, bias, feedback, offs, K, mode, input_block,
          match_norm): one grouped matmul over the sorted rows (torch.nn.functional.grouped_mm
          where the dtype/device allow, else a per-area loop), the same modes, feedback and
@@ -69,7 +72,9 @@ def _permute(x: Tensor, order: Tensor) -> Tensor:
 
 def _unpermute(xs: Tensor, order: Tensor) -> Tensor:
     r = _rows(xs)
-    return _fresh(torch.empty_like(r).index_copy_(0, order, r).reshape(xs.shape))
+    # contiguous whatever xs's layout, as the fake kernel says
+    out = torch.empty_like(r, memory_format=torch.contiguous_format).index_copy_(0, order, r)
+    return _fresh(out.reshape(xs.shape))
 
 
 @torch.library.custom_op("salcompile::sort_rows", mutates_args=())
@@ -153,6 +158,114 @@ scatter_blocks.register_autograd(
     lambda ctx, g: (fast.call(ctx, gather_blocks, g.contiguous(), *ctx.saved_tensors,
                               ctx.areas), None, None, None),
     setup_context=_save_blocks)
+
+
+# ---------------------------------------------------------------- top-k: (row, choice) entries
+# Under top-k routing (region_gate_topk: areas [..., k], each row's k distinct best) region_sort
+# sorts the R*k (row, choice) entries of the flattened areas (entry e is row e // k, choice
+# e % k). A compact value then holds one row per entry, [..., k, F] in sorted entry order: a row's
+# k entries are its k area ops (make_area_ops' parts), summed where it leaves the compact form.
+def _entry_rows(order: Tensor, choices: int) -> Tensor:
+    return torch.div(order, choices, rounding_mode="floor")
+
+
+def _sum_choices(ys: Tensor, order: Tensor, choices: int) -> Tensor:
+    """[E = R * choices, F] sorted entries → [R, F]: per row the sum of its entries, choice 0
+    first (the order of the unfused graph's adds)."""
+    e = torch.empty_like(ys, memory_format=torch.contiguous_format).index_copy_(0, order, ys)
+    e = e.view(-1, choices, ys.shape[-1])
+    out = e[:, 0].clone(memory_format=torch.contiguous_format)   # as the fake kernel says
+    for j in range(1, choices):
+        out.add_(e[:, j])
+    return out
+
+
+@torch.library.custom_op("salcompile::expand_rows", mutates_args=())
+def expand_rows(x: Tensor, order: Tensor, choices: int) -> Tensor:
+    """x [..., F] original order → [..., choices, F]: sorted entry j holds its row of x."""
+    out = _rows(x).index_select(0, _entry_rows(order, choices))
+    return _fresh(out.reshape(x.shape[:-1] + (choices, x.shape[-1])))
+
+
+@expand_rows.register_fake
+def _(x, order, choices):
+    return x.new_empty(x.shape[:-1] + (choices, x.shape[-1]))
+
+
+@torch.library.custom_op("salcompile::sum_rows", mutates_args=())
+def sum_rows(ys: Tensor, order: Tensor, choices: int) -> Tensor:
+    """Adjoint of expand_rows: [..., choices, F] sorted entries → [..., F] original order, each
+    row the sum of its `choices` entries."""
+    return _fresh(_sum_choices(_rows(ys), order, choices).reshape(ys.shape[:-2] + ys.shape[-1:]))
+
+
+@sum_rows.register_fake
+def _(ys, order, choices):
+    return ys.new_empty(ys.shape[:-2] + ys.shape[-1:])
+
+
+def _save_entries(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.choices = inputs[2]
+
+
+expand_rows.register_autograd(
+    lambda ctx, g: (fast.call(ctx, sum_rows, g.contiguous(), ctx.saved_tensors[0], ctx.choices),
+                    None, None),
+    setup_context=_save_entries)
+sum_rows.register_autograd(
+    lambda ctx, g: (fast.call(ctx, expand_rows, g.contiguous(), ctx.saved_tensors[0],
+                              ctx.choices), None, None),
+    setup_context=_save_entries)
+
+
+@torch.library.custom_op("salcompile::expand_blocks", mutates_args=())
+def expand_blocks(y: Tensor, order: Tensor, sorted_area: Tensor, areas: int,
+                  choices: int) -> Tensor:
+    """y [..., W] (original order, area-sparse) → [..., choices, W/K]: sorted entry j holds its
+    row's block of its own area."""
+    w = y.shape[-1] // areas
+    flat = _flat_index(_entry_rows(order, choices), sorted_area, areas)
+    out = y.reshape(-1, w).index_select(0, flat)
+    return _fresh(out.reshape(y.shape[:-1] + (choices, w)))
+
+
+@expand_blocks.register_fake
+def _(y, order, sorted_area, areas, choices):
+    return y.new_empty(y.shape[:-1] + (choices, y.shape[-1] // areas))
+
+
+@torch.library.custom_op("salcompile::sum_blocks", mutates_args=())
+def sum_blocks(ys: Tensor, order: Tensor, sorted_area: Tensor, areas: int,
+               choices: int) -> Tensor:
+    """Adjoint of expand_blocks: [..., choices, W/K] → [..., W] original order, each entry's
+    block in its area's place (a row's choices are distinct areas: the blocks do not overlap),
+    zero elsewhere."""
+    w = ys.shape[-1]
+    rows = _rows(ys)
+    out = ys.new_zeros(rows.shape[0] // choices * areas, w)
+    out.index_add_(0, _flat_index(_entry_rows(order, choices), sorted_area, areas), rows)
+    return _fresh(out.reshape(ys.shape[:-2] + (w * areas,)))
+
+
+@sum_blocks.register_fake
+def _(ys, order, sorted_area, areas, choices):
+    return ys.new_empty(ys.shape[:-2] + (ys.shape[-1] * areas,))
+
+
+def _save_entry_blocks(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.areas, ctx.choices = inputs[3], inputs[4]
+
+
+expand_blocks.register_autograd(
+    lambda ctx, g: (fast.call(ctx, sum_blocks, g.contiguous(), *ctx.saved_tensors, ctx.areas,
+                              ctx.choices), None, None, None, None),
+    setup_context=_save_entry_blocks)
+sum_blocks.register_autograd(
+    lambda ctx, g: (fast.call(ctx, expand_blocks, g.contiguous(), *ctx.saved_tensors, ctx.areas,
+                              ctx.choices), None, None, None, None),
+    setup_context=_save_entry_blocks)
 
 
 # ---------------------------------------------------------------- grouped matmul
