@@ -68,13 +68,17 @@ def probe(sal, x):
         out = rec.run(x)
     sal.train(was)
     rms, bad = [], int((~torch.isfinite(out)).sum())
+    areas = int(sal.sal_plan.config.get("areas", 1))
     for l in layers:
         a = rec.seen.get(l.node)
         if a is None:
             rms.append(float("nan"))
             continue
         bad += int((~torch.isfinite(a)).sum())
-        rms.append(float(a.double().square().mean().sqrt()))
+        n = a.numel()
+        if l.area_mode == "partition" and l.shape and a.shape[-1] * areas == l.shape[0]:
+            n *= areas   # a fused region's compact value: the row's own block; zeros elsewhere
+        rms.append(float((a.double().square().sum() / max(n, 1)).sqrt()))
     return rms, bad
 
 
@@ -120,6 +124,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--keep", default=None,
+                    help="a depth.json of an earlier run: its rows for the (arch, depth, mode) "
+                         "this run does not run are kept in the table (rerun one mode)")
     args = ap.parse_args()
     unknown = [m for m in args.modes.split(",") if m not in MODES]
     if unknown:
@@ -146,6 +153,15 @@ def main() -> None:
                 print(f"  {arch:5s} depth {depth:3d} {mode:6s} acc {res['acc']:6.2f}  "
                       f"act rms first/last {_fmt(res['rms'][0])}/{_fmt(res['rms'][-1])}  "
                       f"nonfinite {res['nonfinite']}  ({res['seconds']:.0f} s)", flush=True)
+    if args.keep:
+        with open(args.keep) as f:
+            kept = {k: v for k, v in json.load(f).items() if k not in results}
+        results.update(kept)
+        order = {m: i for i, m in enumerate(MODES)}
+        results = dict(sorted(results.items(), key=lambda kv: (
+            archs.index(kv[0].split("|")[0]) if kv[0].split("|")[0] in archs else len(archs),
+            int(kv[0].split("|")[1]), order.get(kv[0].split("|")[2], len(order)))))
+        modes = [m for m in MODES if any(k.endswith(f"|{m}") for k in results)]
     lines = ["| arch | depth | mode | test acc % | act RMS first | act RMS mid | act RMS last | "
              "update ‖ΔW‖/‖W‖ min | max | NaN/inf |", "|" + "---|" * 10]
     for key, r in results.items():
@@ -158,11 +174,14 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     cmd = (f"python benchmarks/depth.py --depths {args.depths} --archs {args.archs} "
-           f"--epochs {args.epochs} --seeds {args.seeds} --width {args.width} --modes {args.modes}")
+           f"--epochs {args.epochs} --seeds {args.seeds} --width {args.width} --modes {args.modes}"
+           + (f" --keep {args.keep}" if args.keep else ""))
+    kept_note = f"; the rows of other modes come from the run recorded in {args.keep}" \
+        if args.keep else ""
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "depth.md"), (
         f"# Depth: deep MLPs on digits (width {args.width})\n\nCommand: `{cmd}` (CPU, torch "
-        f"{torch.__version__}, {time.time() - t_start:.0f} s). {recipe}"
+        f"{torch.__version__}, {time.time() - t_start:.0f} s{kept_note}). {recipe}"
         + "".join(f"; {m}: {r['optimizer']}, weight decay {r['weight_decay']:g}"
                   for m, r in MODE_RECIPE.items()
                   if m in modes) + f". Activation RMS: each "

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from salcompile.errors import SalcompileError
-from salcompile.layers import LayerSpec, WeightTracer
+from salcompile.layers import LayerSpec, WeightTracer, arg_names
 from salcompile.validate import check_memory
 from salcompile.ops import areas as area_ops
 
@@ -97,12 +97,14 @@ def _top_k(g: fx.Graph, spec: LayerSpec, target, args, mode: str, k: int) -> fx.
     exit) the k blocks read add up, with the bias once; in replicate mode the k copies add up.
     The calls are `spec.parts`; attach_fa fills each one's feedback slot. fuse_regions turns the
     k calls and their adds into one compact_linear over the rows' (row, choice) entries."""
+    names = arg_names(target)
+    area, bias = names.index("area"), names.index("bias")
     parts = []
     for j in range(k):
         a = list(args)
-        a[1] = g.call_function(torch.ops.aten.select.int, (args[1], -1, j))
+        a[area] = g.call_function(torch.ops.aten.select.int, (args[area], -1, j))
         if j and mode == "dense":
-            a[4] = None
+            a[bias] = None   # an exit's bias, once
         parts.append(g.call_function(target, tuple(a)))
     out = parts[0]
     for p in parts[1:]:

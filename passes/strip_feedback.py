@@ -45,7 +45,7 @@ def strip_feedback(graph: fx.Graph) -> fx.Graph:
                 set_args(node, feedback=get_arg(node, "weight"), match_norm=False)
                 continue
             elif t is ops.dfa_output.default:
-                y, taps, ds = node.args
+                y, taps, ds = (get_arg(node, n) for n in ("output", "taps", "feedback"))
                 feedback_nodes.extend(ds)
                 for tap in taps:
                     for user in list(tap.users):

@@ -6,6 +6,7 @@
     train_step.py       export_train_step: one graph = forward, FA gradients and the update
       train_step_graph.py the trainable torch graph traced into it (plain-op rewrites)
       train_step_session.py TrainStepSession: runs that graph with onnxruntime, no torch needed
+    compact.py          routed linear layers in the sorted compact form (both training exporters)
     common.py           what they share: the pinned opset, the exporter call, readable names
 
 None of them imports onnx or onnxruntime at import time: a missing optional dependency is a

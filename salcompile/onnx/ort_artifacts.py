@@ -65,6 +65,7 @@ from torch import Tensor
 from .. import feedback as feedback_rules
 from ..errors import SalcompileError
 from ..files import check_output_dir
+from ..layers import get_arg
 from ..module import SALModule, feedback_tensor, require_sal
 from .train_step_graph import _batch_norm   # batch statistics in plain ops
 from .common import (TRAINING_IR_VERSION as IR_VERSION, TRAINING_OPSET as OPSET,
@@ -225,7 +226,7 @@ def _training_graph(sal, routed_form: str = "compact"
         gates.append({"proj": proj.target, "prototypes": protos.target,
                       "temperature": float(temperature), "balance_weight": float(balance),
                       "areas": int(sal.get_buffer(protos.target).shape[0]), "index": k,
-                      "top_k": int(gate.args[5]) if gate.target is s.region_gate_topk.default
+                      "top_k": int(get_arg(gate, "k")) if gate.target is s.region_gate_topk.default
                       else 1})
     # 4. the output: + 0·ΣP per gate (P joins ORT's gradient graph), then the OUT marker
     val = out_node.args[0]
