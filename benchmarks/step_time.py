@@ -102,6 +102,15 @@ class Runner:
         _sync(device)
         return time.perf_counter() - t0
 
+    def time_round(self, device, steps: int) -> None:
+        """One timing round: `steps` steps, their mean time appended to self.times."""
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _sync(device)
+        self.times.append((time.perf_counter() - t0) / steps)
+
 
 def count_params(module) -> int:
     seen, n = set(), 0
@@ -518,12 +527,7 @@ def run_paper_scale(args):
             if r.error:
                 continue
             try:
-                _sync(device)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    r.step()
-                _sync(device)
-                r.times.append((time.perf_counter() - t0) / steps)
+                r.time_round(device, steps)
             except Exception as exc:  # noqa: BLE001
                 r.error = _short(exc)
     ok = [r for r in runners if r.times and not r.error]
@@ -612,12 +616,7 @@ def run_fused_vs_unfused(args):
                     r.step()
             for _ in range(rounds):
                 for r in runners:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(steps):
-                        r.step()
-                    _sync(device)
-                    r.times.append((time.perf_counter() - t0) / steps)
+                    r.time_round(device, steps)
             f, u = (statistics.median(r.times) for r in runners)
             lines.append(f"| {case} | {form} | {f * 1e6:.0f} | {u * 1e6:.0f} | {u / f:.2f} |")
             print(lines[-1], flush=True)

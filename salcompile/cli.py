@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 # No torch at import time: the parser (--help, --version, argument errors) answers without it;
 # each command imports torch and the modules it uses (see main).
 from .errors import SalcompileError
+from .file_formats import FILE_FORMATS as DATA_FORMATS  # torch-free: the CLI's --help lists them
 
 DEFAULT_THREADS = 1
 
@@ -27,15 +28,6 @@ ZOO_NAMES = ("mlp", "mlp-mnist", "lenet5", "deep-mlp", "deep-mlp-res", "resnet20
              "replicate-1b")                                    # salcompile.models.REGISTRY
 DATASET_NAMES = ("digits", "iris", "wine", "breast_cancer", "mnist5k", "mnist1d", "mnist",
                  "fashion_mnist", "cifar10", "cifar100", "tokens")  # data.DATASETS, LM_DATASETS
-DATA_FORMATS = {                                                # salcompile.data.FILE_FORMATS
-    ".npz": "numpy arrays x_train, y_train, x_test, y_test (np.savez; x any numeric shape "
-            "[N, ...], y integer class ids [N]); or x, y alone: seeded 80/20 split",
-    ".csv": "a header row, one column named `label` (integer class ids), every other column a "
-            "numeric feature; seeded 80/20 split, standardised",
-    "folder": "x_train.pt, y_train.pt, x_test.pt, y_test.pt, each torch.save(tensor)",
-    ".txt": "any UTF-8 text: a character language model (next-character targets) over windows "
-            "of seq_len characters; the first 90% of the text trains, the rest tests",
-}
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8",
                "uint8", "bool")                                 # salcompile.model_source.DTYPES
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd")                      # salcompile.training.OPTIMIZERS

@@ -35,6 +35,7 @@ import torch
 
 from .errors import SalcompileError
 from .validate import flag, integer, path_arg
+from .file_formats import FILE_FORMATS  # torch-free: the CLI's --help lists them
 
 Split = Tuple[torch.Tensor, torch.Tensor]
 _PIP_HINT = "(or pip install -e '.[data]')"
@@ -359,15 +360,6 @@ _TABULAR = ("iris", "wine", "breast_cancer")
 # ---------------------------------------------------------------------------------------------
 # your own data: load_file(path)
 
-FILE_FORMATS = {
-    ".npz": "numpy arrays x_train, y_train, x_test, y_test (np.savez; x any numeric shape "
-            "[N, ...], y integer class ids [N]); or x, y alone: seeded 80/20 split",
-    ".csv": "a header row, one column named `label` (integer class ids), every other column a "
-            "numeric feature; seeded 80/20 split, standardised",
-    "folder": "x_train.pt, y_train.pt, x_test.pt, y_test.pt, each torch.save(tensor)",
-    ".txt": "any UTF-8 text: a character language model (next-character targets) over windows "
-            "of seq_len characters; the first 90% of the text trains, the rest tests",
-}
 _SPLITS = ("x_train", "y_train", "x_test", "y_test")
 _FORMATS_TEXT = "; ".join(f"{k}: {v}" for k, v in FILE_FORMATS.items())
 

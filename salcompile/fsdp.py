@@ -59,6 +59,17 @@ class ShardUnit(nn.Module):
         return "ops=" + ", ".join(ops)
 
 
+def _reach(start, step) -> set:
+    """Every node reached from `start` by following `step` (users, or inputs) one or more times."""
+    seen, stack = set(), list(start)
+    while stack:
+        for n in step(stack.pop()):
+            if n not in seen:
+                seen.add(n)
+                stack.append(n)
+    return seen
+
+
 def _unit_nodes(graph: "torch.fx.Graph", owner: str, attrs: Dict[str, str]):
     """The nodes of `graph` a unit of submodule `owner` would run (a set), or None when it cannot
     be one: its parameters' readers, the nodes computed from the parameters alone (slices, a
@@ -91,18 +102,8 @@ def _unit_nodes(graph: "torch.fx.Graph", owner: str, attrs: Dict[str, str]):
         if alone:
             unit |= chain
     # between two of its nodes: the unit must be convex (no path leaves it and comes back)
-    down, stack = set(), list(unit)
-    while stack:
-        for user in stack.pop().users:
-            if user not in down:
-                down.add(user)
-                stack.append(user)
-    up, stack = set(), list(unit)
-    while stack:
-        for inp in stack.pop().all_input_nodes:
-            if inp not in up:
-                up.add(inp)
-                stack.append(inp)
+    down = _reach(unit, lambda n: n.users)
+    up = _reach(unit, lambda n: n.all_input_nodes)
     unit |= down & up
     for n in unit:
         if n.op in ("placeholder", "output", "call_module") or (

@@ -189,10 +189,8 @@ def assert_forms_agree(mods, opts, x, y, steps=3, reference="reference"):
             o.step()
 
 
-def assert_compiles_and_exports(sal, x, y, want, tmp_path):
-    """salcompile.compile gives the gradients `want`; export_onnx runs in onnxruntime with the
-    eval-mode outputs."""
-    import numpy as np
+def assert_compiled_grads(sal, x, y, want):
+    """salcompile.compile of `sal` gives the gradients `want` ({name: gradient})."""
     import salcompile
     torch._dynamo.reset()
     compiled = salcompile.compile(sal)
@@ -200,6 +198,14 @@ def assert_compiles_and_exports(sal, x, y, want, tmp_path):
     F.cross_entropy(compiled(x), y).backward()
     for n, p in sal.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def assert_compiles_and_exports(sal, x, y, want, tmp_path):
+    """salcompile.compile gives the gradients `want`; export_onnx runs in onnxruntime with the
+    eval-mode outputs."""
+    import numpy as np
+    import salcompile
+    assert_compiled_grads(sal, x, y, want)
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     salcompile.export_onnx(sal, (x,), tmp_path / "m.onnx")
@@ -208,6 +214,32 @@ def assert_compiles_and_exports(sal, x, y, want, tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0],
                                    sal(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny tensors, where a second thread only adds OpenMP
+    barrier waits on a loaded machine. Use with pytestmark = pytest.mark.usefixtures(...)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A one-process gloo group (torch.distributed initialised, world size 1)."""
+    from datetime import timedelta
+    import torch.distributed as dist
+    import salcompile.distributed as sdist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1, timeout=timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        sdist.sync_gates()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_workers(worker, world: int, timeout_s: float, what: str):

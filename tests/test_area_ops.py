@@ -10,14 +10,7 @@ from conftest import D, loss_of
 ops = torch.ops.salcompile
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors are tiny; intra-op threads only add OpenMP barrier waits (about 0.1 s per
-    # conv backward on a loaded 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _areas(shape, k, pattern):

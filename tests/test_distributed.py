@@ -142,18 +142,6 @@ def test_ddp_forward_buffer_sync_would_clobber_the_counters(ddp_results):
 
 
 # ------------------------------------------------------------------ without spawning processes
-@pytest.fixture
-def world_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1, timeout=timedelta(seconds=30))
-    try:
-        yield
-    finally:
-        sdist.sync_gates()
-        dist.barrier()  # no rank tears gloo down while its peer still talks to it
-        dist.destroy_process_group()
-
-
 def _gate_case(t=13, f=6, r=5, k=4, dtype=D):
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(t, f, dtype=dtype, generator=g)

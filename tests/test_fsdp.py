@@ -250,17 +250,6 @@ def test_fully_shard_without_fsdp2(monkeypatch):
         sdist.fully_shard(torch.nn.Linear(2, 2))
 
 
-@pytest.fixture
-def world_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1, timeout=timedelta(seconds=30))
-    try:
-        yield
-    finally:
-        sdist.sync_gates()
-        dist.destroy_process_group()
-
-
 def test_world_of_one_trains_as_unsharded_and_refuses_twice(world_of_one):
     xs, ys = _data()
     fields = dict(areas=4, area_mode="replicate")

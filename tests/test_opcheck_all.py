@@ -59,13 +59,7 @@ def case(op, id, test_utils=None, xfail=None, match="Stride mismatch"):
     return deco
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add barrier waits on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ---------------------------------------------------------------- helpers

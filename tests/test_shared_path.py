@@ -5,10 +5,10 @@ the exporters give the torch gradients."""
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import salcompile
-from conftest import assert_forms_agree, assert_train_step_matches_sgd
+from conftest import (assert_compiled_grads, assert_forms_agree,
+                      assert_train_step_matches_sgd, grads_of)
 from salcompile.errors import SalcompileError
 from salcompile.models import MLP
 from salcompile.passes.split_shared_path import shared_width
@@ -21,14 +21,6 @@ def _build(dtype=D, **fields):
     x = torch.randn(12, 6, dtype=dtype)
     model = MLP(6, 32, 3, depth=3).to(dtype)
     return salcompile.transform(model, (x,), **fields), model, x, torch.randint(0, 3, (12,))
-
-
-def _run(sal, x, y):
-    sal.zero_grad()
-    out = sal(x)
-    F.cross_entropy(out, y).backward()
-    return out.detach(), {n: p.grad.clone() for n, p in sal.named_parameters()
-                          if p.grad is not None}
 
 
 def test_shared_width():
@@ -46,8 +38,8 @@ def test_bad_fraction_is_a_clear_error(bad):
 def test_fraction_zero_is_the_pure_partition_bit_for_bit():
     a, _, x, y = _build(areas=4)
     b, _, _, _ = _build(areas=4, shared_fraction=0.0)
-    oa, ga = _run(a, x, y)
-    ob, gb = _run(b, x, y)
+    oa, ga = grads_of(a, x, y)
+    ob, gb = grads_of(b, x, y)
     assert torch.equal(oa, ob) and ga.keys() == gb.keys()
     assert all(torch.equal(ga[n], gb[n]) for n in ga)
 
@@ -55,8 +47,8 @@ def test_fraction_zero_is_the_pure_partition_bit_for_bit():
 def test_fraction_one_is_dense_fa():
     s, _, x, y = _build(areas=4, shared_fraction=1.0)
     d, _, _, _ = _build(areas=1)
-    os_, gs = _run(s, x, y)
-    od, gd = _run(d, x, y)
+    os_, gs = grads_of(s, x, y)
+    od, gd = grads_of(d, x, y)
     torch.testing.assert_close(os_, od, rtol=0, atol=1e-12)
     for n, g in gd.items():
         torch.testing.assert_close(gs[n], g, rtol=0, atol=1e-12, msg=n)
@@ -67,8 +59,8 @@ def test_fraction_one_is_dense_fa():
 def test_fast_equals_the_masked_dense_reference(rule, fraction):
     fast, _, x, y = _build(areas=4, shared_fraction=fraction, feedback=rule)
     ref, _, _, _ = _build(areas=4, shared_fraction=fraction, feedback=rule, area_impl="reference")
-    of, gf = _run(fast, x, y)
-    orf, gr = _run(ref, x, y)
+    of, gf = grads_of(fast, x, y)
+    orf, gr = grads_of(ref, x, y)
     torch.testing.assert_close(of, orf, rtol=1e-10, atol=1e-12)
     assert gf.keys() == gr.keys()
     for n in gf:
@@ -85,7 +77,7 @@ def test_rows_train_the_shared_weights_and_only_their_own_routed_block():
     z = route(x.flatten(1), gate.proj, gate.prototypes)
     k = int(z[0])
     rows = z == k
-    _, g = _run(sal, x[rows], y[rows])
+    _, g = grads_of(sal, x[rows], y[rows])
     w = g["layers.1.weight"]
     assert w[:16].abs().sum() > 0                           # the shared outputs learn
     blk = slice(16 + 4 * k, 16 + 4 * (k + 1))
@@ -118,7 +110,7 @@ def test_exports_give_the_torch_gradients(tmp_path):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     sal, _, x, y = _build(dtype=torch.float32, areas=4, shared_fraction=0.5)
-    _, want = _run(sal, x, y)
+    _, want = grads_of(sal, x, y)
     salcompile.export_onnx(sal, (x,), tmp_path / "m.onnx")
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
     sal.eval()
@@ -140,18 +132,13 @@ def test_exports_give_the_torch_gradients(tmp_path):
 
 def test_save_load_and_compile(tmp_path):
     sal, _, x, y = _build(dtype=torch.float32, areas=4, shared_fraction=0.5)
-    _, want = _run(sal, x, y)
+    _, want = grads_of(sal, x, y)
     salcompile.save(sal, (x,), tmp_path / "m.pt2")
     loaded = salcompile.load(tmp_path / "m.pt2")
-    _, got = _run(loaded, x, y)
+    _, got = grads_of(loaded, x, y)
     for n in want:
         torch.testing.assert_close(got[n], want[n], msg=n)
-    torch._dynamo.reset()
-    compiled = salcompile.compile(sal)
-    sal.zero_grad()
-    F.cross_entropy(compiled(x), y).backward()
-    for n, p in sal.named_parameters():
-        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert_compiled_grads(sal, x, y, want)
 
 
 def test_train_step_graph_equals_torch_sgd(tmp_path):
@@ -205,8 +192,8 @@ def test_fused_shared_path_unfuses_to_the_same_values():
     assert ops.area_linear.default in targets and not targets & {
         ops.compact_linear.default, ops.region_sort.default, ops.sort_rows.default,
         ops.gather_blocks.default}
-    out, want = _run(plain, x, y)
-    o, got = _run(fx.GraphModule(sal, g), x, y)
+    out, want = grads_of(plain, x, y)
+    o, got = grads_of(fx.GraphModule(sal, g), x, y)
     torch.testing.assert_close(o, out, rtol=1e-12, atol=1e-12)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12, msg=n)

@@ -25,14 +25,6 @@ def _build(dtype=D, **fields):
     return sal, x, torch.randint(0, 3, (12,))
 
 
-def _run(module, x, y):
-    module.zero_grad()
-    out = module(x)
-    F.cross_entropy(out, y).backward()
-    return out.detach(), {n: p.grad.clone() for n, p in module.named_parameters()
-                          if p.grad is not None}
-
-
 def test_bad_top_k_is_a_clear_error():
     with pytest.raises(SalcompileError, match="exceeds areas"):
         salcompile.SALConfig(areas=4, route_top_k=5)
@@ -45,8 +37,8 @@ def test_bad_top_k_is_a_clear_error():
 def test_top_1_is_todays_routing_bit_for_bit():
     a, x, y = _build()
     b, _, _ = _build(route_top_k=1)
-    oa, ga = _run(a, x, y)
-    ob, gb = _run(b, x, y)
+    oa, ga = grads_of(a, x, y)
+    ob, gb = grads_of(b, x, y)
     assert torch.equal(oa, ob) and all(torch.equal(ga[n], gb[n]) for n in ga)
 
 
@@ -55,8 +47,8 @@ def test_top_1_is_todays_routing_bit_for_bit():
 def test_fast_equals_the_masked_dense_reference(rule, mode):
     fast, x, y = _build(route_top_k=2, feedback=rule, area_mode=mode)
     ref, _, _ = _build(route_top_k=2, feedback=rule, area_mode=mode, area_impl="reference")
-    of, gf = _run(fast, x, y)
-    orf, gr = _run(ref, x, y)
+    of, gf = grads_of(fast, x, y)
+    orf, gr = grads_of(ref, x, y)
     torch.testing.assert_close(of, orf, rtol=1e-10, atol=1e-12)
     assert gf.keys() == gr.keys()
     for n in gf:
@@ -68,7 +60,7 @@ def test_a_hand_written_masked_network_gives_the_same_outputs_and_gradients(k):
     """Partition, top-k: each choice j writes its area's block; a block-reading layer's block
     reads the same area's input block; the exit sums the k blocks it reads (bias once)."""
     sal, x, y = _build(route_top_k=k, feedback="bp")
-    out, grads = _run(sal, x, y)
+    out, grads = grads_of(sal, x, y)
     gate = sal.get_submodule("sal_gates.gate_0")
     z = route_topk(x, gate.proj, gate.prototypes, k)                 # [rows, k]
     block = torch.arange(WIDTH) // (WIDTH // K)
@@ -88,7 +80,7 @@ def test_a_hand_written_masked_network_gives_the_same_outputs_and_gradients(k):
 def test_gate_local_rule_is_the_gradient_of_its_loss_over_the_k_selections():
     k = 2
     sal, x, y = _build(route_top_k=k, balance_weight=0.7, temperature=0.3)
-    _, grads = _run(sal, x, y)
+    _, grads = grads_of(sal, x, y)
     gate = sal.get_submodule("sal_gates.gate_0")
     proj = gate.proj.detach().clone().requires_grad_()
     protos = gate.prototypes.detach()
@@ -114,9 +106,9 @@ def test_routing_stats_count_selections():
 
 def test_export_onnx_compile_and_save_load(tmp_path):
     sal, x, y = _build(dtype=torch.float32, route_top_k=2)
-    out, want = _run(sal, x, y)
+    out, want = grads_of(sal, x, y)
     salcompile.save(sal, (x,), tmp_path / "m.pt2")
-    _, got = _run(salcompile.load(tmp_path / "m.pt2"), x, y)
+    _, got = grads_of(salcompile.load(tmp_path / "m.pt2"), x, y)
     for n in want:
         torch.testing.assert_close(got[n], want[n], msg=n)
     assert_compiles_and_exports(sal, x, y, want, tmp_path)
@@ -140,7 +132,7 @@ def test_ort_training_step_gives_the_torch_gradients_with_top_k(tmp_path, mode):
     assert info["gates"] == 1 and info["redirected"] >= 2
     g = torch.Generator().manual_seed(3)
     xb, yb = torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g)
-    _, want = _run(sal, xb, yb)
+    _, want = grads_of(sal, xb, yb)
     state = api.CheckpointState.load_checkpoint(str(d / "checkpoint"))
     module = api.Module(str(d / "training_model.onnx"), state, str(d / "eval_model.onnx"))
     module.train()
@@ -239,8 +231,8 @@ def test_fused_top_k_unfuses_save_loads_compiles_and_exports(tmp_path):
     sal, x, y = _build(dtype=torch.float32, route_top_k=2)
     plain, _, _ = _build(dtype=torch.float32, route_top_k=2, fuse_regions=False)
     assert ops.expand_rows.default in _targets(sal) and ops.sum_rows.default in _targets(sal)
-    out, want = _run(sal, x, y)
-    ref_out, ref = _run(plain, x, y)
+    out, want = grads_of(sal, x, y)
+    ref_out, ref = grads_of(plain, x, y)
     torch.testing.assert_close(out, ref_out)
     g = unfuse_regions(sal.graph)
     targets = {n.target for n in g.nodes}
@@ -248,14 +240,14 @@ def test_fused_top_k_unfuses_save_loads_compiles_and_exports(tmp_path):
         ops.compact_linear.default, ops.region_sort.default, ops.expand_rows.default,
         ops.sum_rows.default, ops.expand_blocks.default, ops.sum_blocks.default}
     unfused = fx.GraphModule(sal, g)
-    o, got = _run(unfused, x, y)
+    o, got = grads_of(unfused, x, y)
     torch.testing.assert_close(o, out)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], msg=n)
     salcompile.save(sal, (x,), tmp_path / "m.pt2")
     loaded = salcompile.load(tmp_path / "m.pt2")
     assert ops.compact_linear.default in _targets(loaded)
-    _, got = _run(loaded, x, y)
+    _, got = grads_of(loaded, x, y)
     for n in want:
         torch.testing.assert_close(got[n], want[n], msg=n)
     torch._dynamo.reset()
@@ -299,8 +291,8 @@ def test_fused_top_k_on_each_compact_matmul_path(path, monkeypatch):
     monkeypatch.setattr(compact, "SMALL_ROWS_PER_AREA", 100 if path == "few" else 0)
     mods = _three(dtype=torch.float32, route_top_k=2)
     _, x, y = _build(dtype=torch.float32)
-    out, want = _run(mods["reference"], x, y)
-    o, got = _run(mods["fused"], x, y)
+    out, want = grads_of(mods["reference"], x, y)
+    o, got = grads_of(mods["fused"], x, y)
     torch.testing.assert_close(o, out, rtol=1e-5, atol=1e-6)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=n)
