@@ -50,9 +50,9 @@ FORCE_LOOP = False
 def region_sort(area: Tensor, areas: int) -> Tuple[Tensor, Tensor, Tensor]:
     """area [...] int64 → (order [R] int64: stable sort of the flattened rows by area,
     sorted_area [R] int64: area of each sorted row, offs [K] int32: cumulative row counts)."""
-    rows = area.reshape(-1)
+    rows = area if area.dim() == 1 else area.reshape(-1)
     sorted_area, order = torch.sort(rows, stable=True)
-    return order, sorted_area, area_counts(rows, areas).cumsum(0).to(torch.int32)
+    return order, sorted_area, area_counts(rows, areas).cumsum(0, dtype=torch.int32)
 
 
 @region_sort.register_fake
@@ -63,18 +63,25 @@ def _(area, areas):
 
 # ---------------------------------------------------------------- layout changes
 def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
+    """t as [rows, features]: t itself when it is 2-D already (a reshape would make a view, an
+    op more; every caller only reads it)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _shaped(t: Tensor, shape) -> Tensor:
+    """t.reshape(shape), t itself when it has that shape already."""
+    return t if t.shape == shape else t.reshape(shape)
 
 
 def _permute(x: Tensor, order: Tensor) -> Tensor:
-    return _fresh(_rows(x).index_select(0, order).reshape(x.shape))
+    return _fresh(_shaped(_rows(x).index_select(0, order), x.shape))
 
 
 def _unpermute(xs: Tensor, order: Tensor) -> Tensor:
     r = _rows(xs)
     # contiguous whatever xs's layout, as the fake kernel says
     out = torch.empty_like(r, memory_format=torch.contiguous_format).index_copy_(0, order, r)
-    return _fresh(out.reshape(xs.shape))
+    return _fresh(_shaped(out, xs.shape))
 
 
 @torch.library.custom_op("salcompile::sort_rows", mutates_args=())
@@ -422,9 +429,11 @@ def _block_norms(blocks: Tensor) -> Tensor:
 
 
 def _fixed_block_norms(feedback: Tensor, blocks: Tensor) -> Tensor:
-    """_block_norms of a fixed feedback tensor's blocks, computed once per version of it."""
+    """_block_norms of a fixed feedback tensor's blocks, clamped to >= _TINY, computed once per
+    version of it."""
     return fixed_value(feedback, ("blocks", blocks.shape, blocks.stride(),
-                                  blocks.storage_offset()), lambda: _block_norms(blocks))
+                                  blocks.storage_offset()),
+                       lambda: _block_norms(blocks).clamp_min(_TINY))
 
 
 # ---------------------------------------------------------------- compact linear
@@ -442,7 +451,9 @@ def compact_linear(x: Tensor, area: Tensor, anchor: Tensor, weight: Tensor,
         # product in the other orientation is ~3x slower
         wr = wk.index_select(0, area).transpose(1, 2)
         if bias is not None:
-            y = torch.baddbmm(_row_bias(bias, area, areas, mode).unsqueeze(-2), x2.unsqueeze(1), wr)
+            # [R, 1, o] (each row's bias block), or a dense bias [o] (broadcast)
+            rb = bias if mode == "dense" else bias.reshape(areas, 1, -1).index_select(0, area)
+            y = torch.baddbmm(rb, x2.unsqueeze(1), wr)
         else:
             y = torch.bmm(x2.unsqueeze(1), wr)
         return _fresh(y.reshape(x.shape[:-1] + (o,)))
@@ -477,9 +488,11 @@ def compact_linear_backward(grad: Tensor, x: Tensor, area: Tensor, offs: Tensor,
             gx = _mm_rows(g2, bk, offs)
         if feedback is not None and match_norm:
             # per-area ‖W_k‖/‖B_k‖ (fa.rescale); ‖B_k‖ of a fixed B is computed once per version
-            scale = _block_norms(wk) / _fixed_block_norms(feedback, bk).clamp_min(_TINY)
-            gx.mul_(scale.to(gx.dtype).index_select(0, area).unsqueeze(1))
-        gx = gx.reshape(x.shape)
+            scale = _block_norms(wk) / _fixed_block_norms(feedback, bk)
+            if scale.dtype != gx.dtype:
+                scale = scale.to(gx.dtype)
+            gx.mul_(scale.index_select(0, area).unsqueeze(1))
+        gx = _shaped(gx, x.shape)
     if need_w:
         gk = _segment_sum(g2.unsqueeze(2) * x2.unsqueeze(1), area, areas) if few else \
             _mm_groups(g2.t(), x2, offs)

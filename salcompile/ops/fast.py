@@ -7,7 +7,10 @@ times the arithmetic of a 16-row layer. In plain eager mode none of that machine
 so SALModule runs a second rendering of its own graph code (`eager_forward`) in which each
 salcompile op `torch.ops.salcompile.X.default(...)` is `fast.X(...)`: the op's own Python
 implementation, under a small hand-written autograd.Function that calls the op's own
-setup_context and backward. The same functions compute the same numbers, bit for bit.
+setup_context and backward. The same functions compute the same numbers, bit for bit. An op may
+also give its own fast forward (`op.sal_fast_forward(ctx, *args)`: impl + setup in one, e.g.
+region_gate keeps its routing logits for its backward instead of recomputing them); it must
+return the implementation's outputs bit for bit.
 
 The fast path is taken only when nothing could observe the difference (`plain_eager`): not
 compiling, exporting or jit-tracing, no TorchDispatchMode / TorchFunctionMode, no functorch
@@ -87,9 +90,13 @@ def _register(cdef) -> None:
                 return op(*args, **kwargs)
             return impl(*args)
     else:
+        own = getattr(cdef, "sal_fast_forward", None)   # the op's own (impl + setup in one)
+
         def fwd(ctx, *args):
-            out = impl(*args)
             ctx.sal_fast = True
+            if own is not None:
+                return own(ctx, *args)
+            out = impl(*args)
             setup(ctx, args, out)
             return out
 

@@ -66,10 +66,27 @@ def _(counts):
 _ROUTE_COUNTS = global_route_counts   # the op itself (tests stand in for it with fixed statistics)
 
 
+def _cast(t: Tensor, dtype) -> Tensor:
+    """t.to(dtype), without the call where it is that dtype already (the same tensor)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _row_norms(u: Tensor) -> Tensor:
+    """‖u‖ per row, clamped (Tensor.norm's own kernel, without its Python wrapper)."""
+    return torch.linalg.vector_norm(u, 2, -1, True).clamp_min(_TINY)
+
+
+def _logits(features: Tensor, proj: Tensor, prototypes: Tensor):
+    """(z, ‖u‖, ⟨z, c⟩): the routed features, their norms and the prototype logits."""
+    # F.linear without a bias is matmul(x, w.t()), the transpose inside one call
+    u = F.linear(_cast(features, proj.dtype), proj)
+    n = _row_norms(u)
+    z = u / n   # F.normalize, one op fewer
+    return z, n, F.linear(z, prototypes)
+
+
 def route(features: Tensor, proj: Tensor, prototypes: Tensor) -> Tensor:
-    u = features.to(proj.dtype).matmul(proj.t())
-    z = u / u.norm(dim=-1, keepdim=True).clamp_min(_TINY)   # F.normalize, one op fewer
-    return z.matmul(prototypes.t()).argmax(-1)
+    return _logits(features, proj, prototypes)[2].argmax(-1)
 
 
 @torch.library.custom_op("salcompile::region_gate", mutates_args=())
@@ -85,7 +102,7 @@ def _(features, proj, prototypes, temperature, balance_weight):
 
 
 def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Tensor,
-                    temperature: float, balance_weight: float) -> Tensor:
+                    temperature: float, balance_weight: float, logits=None) -> Tensor:
     """dL_local/dP, written out (no autograd inside a backward, so it compiles).
 
     Under a process group (see the module docstring) it is world/N_global times the sum over this
@@ -95,12 +112,13 @@ def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Te
     One winner per row and one process (the paper's setting) take the short way to the same
     statistics (f_k = counts/N, N rows, no float64 round trip: the same float values) and
     `p - onehot` is one indexed subtraction; the rest is shared, so a world of one gives the
-    one-process numbers bit for bit."""
-    u = features.matmul(proj.t())
-    n = u.norm(dim=-1, keepdim=True).clamp_min_(_TINY)
-    z = u / n
+    one-process numbers bit for bit.
+
+    `logits`: (z, ‖u‖, ⟨z, c⟩) of these rows as the forward computed them (_logits; the eager
+    fast path keeps them), instead of computing them again: the same values."""
+    z, n, s = _logits(features, proj, prototypes) if logits is None else logits
     k = prototypes.shape[0]
-    p = torch.softmax(z.matmul(prototypes.t()).div_(temperature), dim=-1)
+    p = torch.softmax(s.div(temperature), dim=-1)
     topk = area.dim() == 2   # [N, choices] under top-k routing
     if not topk and global_route_counts is _ROUTE_COUNTS and sync_group() is None:
         rows = area.shape[0]
@@ -118,9 +136,8 @@ def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Te
     if topk:
         gs.sub_(hot.sum(1) / choices)   # y: the k winners' mean one-hot
     else:
-        m = area.shape[0]
-        gs.view(-1).index_add_(0, torch.arange(0, m * k, k, device=area.device) + area,
-                               gs.new_full((m,), -1.0))
+        # gs[t, area_t] += -1 (index_add_'s arithmetic, in fewer ops)
+        gs.scatter_add_(1, area.unsqueeze(1), gs.new_full((area.shape[0], 1), -1.0))
     gz = gs.matmul(prototypes).div_(rows * temperature)
     gu = gz.sub_(z * (z * gz).sum(-1, keepdim=True)).div_(n)
     return gu.t().matmul(features)
@@ -148,14 +165,35 @@ def _gate_backward(ctx, grad_area, grad_anchor):
     features, proj, prototypes, area = ctx.saved_tensors
     gp = None
     if ctx.needs_input_grad[1]:
-        rows = features.reshape(-1, features.shape[-1]).to(proj.dtype)
-        area = area.reshape(-1, area.shape[-1]) if ctx.top_k else area.reshape(-1)
-        gp = local_rule_grad(rows, proj, prototypes.to(proj.dtype), area, ctx.temperature,
-                             ctx.balance_weight)
+        rows = _cast(features if features.dim() == 2 else
+                     features.reshape(-1, features.shape[-1]), proj.dtype)
+        if ctx.top_k:
+            area = area if area.dim() == 2 else area.reshape(-1, area.shape[-1])
+        elif area.dim() != 1:
+            area = area.reshape(-1)
+        gp = local_rule_grad(rows, proj, _cast(prototypes, proj.dtype), area, ctx.temperature,
+                             ctx.balance_weight, getattr(ctx, "sal_logits", None))
     return (None, gp) + (None,) * (ctx.n_inputs - 2)
 
 
 region_gate.register_autograd(_gate_backward, setup_context=_gate_setup)
+
+
+def _gate_fast_forward(ctx, features, proj, prototypes, temperature, balance_weight):
+    """region_gate on the eager fast path (fast.py): route()'s numbers, and the backward reuses
+    the forward's z, ‖u‖ and logits (flat rows of the proj's dtype: exactly what
+    local_rule_grad would compute from the saved inputs) instead of computing them again."""
+    if features.dim() != 2 or prototypes.dtype != proj.dtype:
+        out = route(features, proj, prototypes), proj.new_zeros(())   # region_gate's own
+    else:
+        logits = _logits(features, proj, prototypes)
+        out = logits[2].argmax(-1), proj.new_zeros(())
+        ctx.sal_logits = logits
+    _gate_setup(ctx, (features, proj, prototypes, temperature, balance_weight), out)
+    return out
+
+
+region_gate.sal_fast_forward = _gate_fast_forward   # read by fast._register
 
 
 def route_topk(features: Tensor, proj: Tensor, prototypes: Tensor, k: int) -> Tensor:
@@ -182,7 +220,8 @@ region_gate_topk.register_autograd(_gate_backward, setup_context=_gate_setup)
 @torch.library.custom_op("salcompile::count_routes", mutates_args=("counts",))
 def count_routes(area: Tensor, counts: Tensor) -> None:
     """counts[k] += number of rows routed to k (read by salcompile.routing_stats)."""
-    counts.add_(torch.bincount(area.reshape(-1), minlength=counts.shape[0]).to(counts.dtype))
+    flat = area if area.dim() == 1 else area.reshape(-1)
+    counts.add_(_cast(torch.bincount(flat, minlength=counts.shape[0]), counts.dtype))
 
 
 @count_routes.register_fake
