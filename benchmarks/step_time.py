@@ -112,6 +112,27 @@ class Runner:
         self.times.append((time.perf_counter() - t0) / steps)
 
 
+def interleave(runners, rounds: int, budget_end, one_round, start=None) -> None:
+    """`rounds` timing rounds, each running one_round(r) for every runner in turn (drift on a
+    shared machine hits all alike); a runner that fails is marked and skipped; past `budget_end`
+    (after one round at least) the rounds stop."""
+    for rnd in range(rounds):
+        if budget_end and time.perf_counter() > budget_end and rnd >= 1:
+            print(f"--budget exhausted after {rnd} rounds", flush=True)
+            break
+        for r in runners:
+            if r.error:
+                continue
+            try:
+                one_round(r)
+            except Exception as exc:  # noqa: BLE001
+                r.error = _short(exc)
+                print(f"FAILED {r.label} while timing: {r.error}", flush=True)
+        if start is not None:
+            print(f"round {rnd + 1}/{rounds} done ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+
+
 def count_params(module) -> int:
     seen, n = set(), 0
     for p in module.parameters():
@@ -217,7 +238,7 @@ def transform_timing(lines_out: list, image=64):
         noex = kw.pop("_noex", False)
         t0 = time.perf_counter()
         try:
-            sal = salcompile.transform(model) if noex else salcompile.transform(model, (x,), **kw)
+            sal = salcompile.transform(model, **kw) if noex else salcompile.transform(model, (x,), **kw)
             dt = time.perf_counter() - t0
             plan = salcompile.plan(sal)
             n_layers = len(getattr(plan, "layers", []) or [])
@@ -319,20 +340,11 @@ def run_benchmark(args):
 
     if cuda:  # the per-variant peak above, measured while earlier variants were resident
         pass
-    for rnd in range(rounds):
-        if budget_end and time.perf_counter() > budget_end and rnd >= 1:
-            print(f"--budget exhausted after {rnd} rounds", flush=True)
-            break
-        for r in runners:
-            if r.error:
-                continue
-            try:
-                for _ in range(per_round):
-                    r.times.append(r.timed_step(device))
-            except Exception as exc:  # noqa: BLE001
-                r.error = _short(exc)
-                print(f"FAILED {r.label} while timing: {r.error}", flush=True)
-        print(f"round {rnd + 1}/{rounds} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    def one_round(r):
+        for _ in range(per_round):
+            r.times.append(r.timed_step(device))
+
+    interleave(runners, rounds, budget_end, one_round, start)
 
     base = next((r for r in runners if r.label == "dense BP eager" and r.times), None)
     base_ms = statistics.median(base.times) * 1e3 if base else None
@@ -519,17 +531,7 @@ def run_paper_scale(args):
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             failed.append((label, _short(exc)))
-    for rnd in range(rounds):
-        if budget_end and time.perf_counter() > budget_end and rnd >= 1:
-            print(f"--budget exhausted after {rnd} rounds", flush=True)
-            break
-        for r in runners:
-            if r.error:
-                continue
-            try:
-                r.time_round(device, steps)
-            except Exception as exc:  # noqa: BLE001
-                r.error = _short(exc)
+    interleave(runners, rounds, budget_end, lambda r: r.time_round(device, steps))
     ok = [r for r in runners if r.times and not r.error]
     base_r = next((r for r in ok if r.label == "dense BP eager"), None)
     bmed = statistics.median(base_r.times) if base_r else None

@@ -8,6 +8,7 @@ mode: a symbolic_trace capture has none) is left without one.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import torch
@@ -40,13 +41,6 @@ def fake_val(target, args, kwargs=None) -> Optional[Any]:
         return target(*fa, **fk)
 
 
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _same(a, b) -> bool:
     """Same shapes and dtypes (None, a tensor, or a tuple/list of them)."""
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
@@ -71,7 +65,7 @@ def fill_vals(gm: fx.GraphModule) -> None:
             continue
         try:
             if n.op == "get_attr":
-                v = _attr(gm, n.target)
+                v = operator.attrgetter(n.target)(gm)
                 old = n.meta.get("val")
                 if isinstance(v, torch.Tensor) and not (
                         isinstance(old, torch.Tensor) and old.shape == v.shape

@@ -103,14 +103,19 @@ class Unsupported:
 
 
 def bind(node: fx.Node) -> Dict[str, Any]:
-    """Arguments of an OpOverload call by schema name, defaults filled in."""
-    schema = node.target._schema
+    """Arguments of an OpOverload call node by schema name, defaults filled in."""
+    return bind_call(node.target, node.args, node.kwargs)
+
+
+def bind_call(target, args, kwargs=None) -> Dict[str, Any]:
+    """Arguments of a call of OpOverload `target` by schema name, defaults filled in."""
+    kwargs = kwargs or {}
     out: Dict[str, Any] = {}
-    for i, a in enumerate(schema.arguments):
-        if i < len(node.args):
-            out[a.name] = node.args[i]
-        elif a.name in node.kwargs:
-            out[a.name] = node.kwargs[a.name]
+    for i, a in enumerate(target._schema.arguments):
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
         elif a.has_default_value():
             out[a.name] = a.default_value
     return out

@@ -203,9 +203,15 @@ def assert_compiled_grads(sal, x, y, want):
 def assert_compiles_and_exports(sal, x, y, want, tmp_path):
     """salcompile.compile gives the gradients `want`; export_onnx runs in onnxruntime with the
     eval-mode outputs."""
+    assert_compiled_grads(sal, x, y, want)
+    assert_onnx_matches(sal, x, tmp_path)
+
+
+def assert_onnx_matches(sal, x, tmp_path):
+    """export_onnx of `sal` runs in onnxruntime with sal's eval-mode outputs (sal is left in eval
+    mode)."""
     import numpy as np
     import salcompile
-    assert_compiled_grads(sal, x, y, want)
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     salcompile.export_onnx(sal, (x,), tmp_path / "m.onnx")
@@ -240,6 +246,18 @@ def world_of_one(tmp_path):
         sdist.sync_gates()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def join_gloo(rank: int, store: str, out: str, world: int, timeout_s: float) -> None:
+    """A spawned worker's start: its stderr (gloo's C++ messages, an abort at teardown included)
+    to `out.rank<r>.log` for run_workers to show, one thread, the gloo group joined."""
+    from datetime import timedelta
+    import torch.distributed as dist
+    log = os.open(f"{out}.rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 2)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
 
 
 def run_workers(worker, world: int, timeout_s: float, what: str):

@@ -2,7 +2,6 @@
 on the concatenated batch: parameters (the gates' P included) and the routing counters."""
 import inspect
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import salcompile
-from conftest import run_workers
+from conftest import join_gloo, run_workers
 import salcompile.distributed as sdist
 from salcompile.models import MLP
 from salcompile.ops.gate import local_rule_grad, route
@@ -61,12 +60,7 @@ def _train(model, sal, xs, ys, rows):
 
 
 def _worker(rank, store, out):
-    # gloo's C++ messages (an abort at teardown included) go to a log the parent can show
-    log = os.open(f"{out}.rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(log, 2)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
+    join_gloo(rank, store, out, WORLD, TIMEOUT_S)   # tests/conftest.py
     xs, ys = _data()
     rows = slice(rank * ROWS, (rank + 1) * ROWS)
     results = {}

@@ -4,7 +4,6 @@ exactly as one process on the concatenated batch: `salcompile.distributed.fully_
 import os
 import subprocess
 import sys
-from datetime import timedelta
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 import salcompile
-from conftest import run_workers
+from conftest import join_gloo, run_workers
 import salcompile.distributed as sdist
 import salcompile.models as models
 from salcompile.errors import SalcompileError
@@ -83,11 +82,7 @@ def _full(value):
 
 
 def _worker(rank, store, out):
-    log = os.open(f"{out}.rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(log, 2)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
+    join_gloo(rank, store, out, WORLD, TIMEOUT_S)   # tests/conftest.py
     rows = slice(rank * ROWS, (rank + 1) * ROWS)
     results = {}
     for name, (fields, kw, optimizer) in CASES.items():

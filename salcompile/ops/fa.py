@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..families import conv as plain_conv
+
 _TINY = 1e-12
 
 
@@ -114,10 +116,9 @@ def _is_unbatched(x: Tensor, stride: List[int]) -> bool:
 
 
 def _conv_forward(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-    if _is_unbatched(x, stride):   # squeeze(0) is a view
-        return _fresh(_conv(x.unsqueeze(0), weight, bias, stride, padding, dilation, transposed,
-                            output_padding, groups).squeeze(0))
-    return _conv(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    # the plain convolution (families.conv: an unbatched input too); squeeze(0) there is a view
+    return _fresh(plain_conv(x, weight, bias, stride, padding, dilation, transposed,
+                             output_padding, groups))
 
 
 @torch.library.custom_op("salcompile::fa_conv", mutates_args=())

@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from ..layers import bind_call
+
 
 @functools.lru_cache(maxsize=None)
 def _table() -> Dict[Any, Callable]:
@@ -25,18 +27,11 @@ def _table() -> Dict[Any, Callable]:
     return {f.op: f.plain for f in FAMILIES.values() if f.plain is not None}
 
 
-def _bind(target, args, kwargs) -> Dict[str, Any]:
-    names = [a.name for a in target._schema.arguments]
-    bound = dict(zip(names, args))
-    bound.update(kwargs or {})
-    return bound
-
-
 def plain_call(target, args, kwargs=None) -> Optional[Tuple[Callable, tuple]]:
     """(the plain op, its arguments) computing the forward of FA layer op `target` called with
     `args`/`kwargs`; None when `target` is not an FA layer op. The feedback is not among them."""
     build = _table().get(target)
-    return None if build is None else build(_bind(target, args, kwargs))
+    return None if build is None else build(bind_call(target, args, kwargs))
 
 
 def plain_forwards() -> Dict[Any, Callable]:
