@@ -105,6 +105,19 @@ def _linear_backward(ctx, grad):
 fa_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
+def _input_needs_no_grad(x: Tensor, feedback: Tensor) -> bool:
+    """FA changes only dX; without one (and with a fixed B) the layer's gradients are BP's."""
+    return not x.requires_grad and not feedback.requires_grad and x.dim() >= 2
+
+
+def _linear_native(x, weight, bias, feedback, match_norm):
+    """The eager fast path's native form (fast.py): a first layer is its plain linear."""
+    return F.linear(x, weight, bias) if _input_needs_no_grad(x, feedback) else None
+
+
+fa_linear.sal_fast_native = _linear_native
+
+
 # ---------------------------------------------------------------- convolution (any dim, transposed, groups)
 def _conv(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
     return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, transposed,
@@ -165,6 +178,18 @@ def _conv_backward(ctx, grad):
 
 
 fa_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def _conv_native(x, weight, bias, feedback, stride, padding, dilation, transposed,
+                 output_padding, groups, match_norm):
+    """The eager fast path's native form (fast.py): a first layer is its plain convolution."""
+    if not _input_needs_no_grad(x, feedback):
+        return None
+    return plain_conv(x, weight, bias, stride, padding, dilation, transposed, output_padding,
+                      groups)
+
+
+fa_conv.sal_fast_native = _conv_native
 
 
 # ---------------------------------------------------------------- matmul / mm / bmm / @ with a weight operand

@@ -1,0 +1,354 @@
+"""Eager fast path for a whole fused region at few rows (issue 13: the paper-scale step).
+
+passes/fuse_regions.py turns a region into a chain in area-sorted compact form:
+
+    region_sort(area) -> sort_rows(x) -> compact_linear / pointwise ... -> unsort_rows | scatter_blocks
+
+That form wins when rows are many: each area's rows are one block of a grouped matmul. At the
+paper's own size (16 rows, 16 areas, a 64-256-10 MLP) the step is bound by the number of ops, not
+by arithmetic, and the sort, the gathers and one Python backward per layer cost more than the
+whole network's FLOPs. There the same region runs *masked-dense* (the oracle form of DESIGN §2.4):
+rows in their own order, every value full width, a partition layer's output zeroed outside the
+row's own block; a plain matmul then multiplies the other blocks by exact zeros. One
+autograd.Function runs the whole chain forward and one backward computes every gradient (FA's B,
+`match_norm`'s per-area ‖W_k‖/‖B_k‖, Kolen-Pollack's B.grad): the compact ops' numbers up to
+float rounding (the same products, summed in another order), checked against them in
+tests/test_fast_region.py.
+
+Taken only on the eager fast path (ops/fast.py `eager_forward`: nothing observes the difference;
+the graph that compile, export, save and ONNX read is unchanged), when every tensor is a plain
+tensor and the masked arithmetic is small (rows x sum of the layers' N x I <= MASKED_MACS, so that
+multiplying zeros costs less than the overhead it saves). Anything else runs the compact ops one
+by one, exactly as before. Supported chains: partition and dense layers (replicate and top-k
+regions always take the compact ops), pointwise activations from POINTWISE (between partition
+layers only those with f(0) = 0, which keep the zeros outside a row's block).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from . import fast
+from .compact import _block_norms, _fixed_block_norms, _stack
+from .fa import kp_grad
+from .. import layers as L
+
+ENABLED = True            # False: always the compact ops (tests compare the two)
+MASKED_MACS = 1 << 22     # rows x sum(N x I) at most: about 0.2 ms of float32 matmul on one core
+TAKEN = {"masked": 0, "compact": 0}   # how often each form ran (tests and benchmarks read it)
+
+aten = torch.ops.aten
+sal = torch.ops.salcompile
+
+
+@dataclass(frozen=True)
+class Pointwise:
+    forward: Callable          # (x, *extra) -> y
+    backward: Callable         # (grad, x, y, *extra) -> grad of x
+    keeps_zero: bool           # f(0) == 0: allowed on a block-sparse value
+
+
+POINTWISE: Dict[object, Pointwise] = {
+    aten.relu.default: Pointwise(torch.relu, lambda g, x, y: aten.threshold_backward(g, y, 0),
+                                 True),
+    aten.gelu.default: Pointwise(
+        lambda x, approximate="none": aten.gelu(x, approximate=approximate),
+        lambda g, x, y, approximate="none": aten.gelu_backward(g, x, approximate=approximate),
+        True),
+    aten.silu.default: Pointwise(aten.silu, lambda g, x, y: aten.silu_backward(g, x), True),
+    aten.tanh.default: Pointwise(torch.tanh, lambda g, x, y: aten.tanh_backward(g, y), True),
+    aten.leaky_relu.default: Pointwise(
+        lambda x, slope=0.01: aten.leaky_relu(x, slope),
+        lambda g, x, y, slope=0.01: aten.leaky_relu_backward(g, x, slope, False), True),
+    aten.sigmoid.default: Pointwise(torch.sigmoid,
+                                    lambda g, x, y: aten.sigmoid_backward(g, y), False),
+}
+
+
+@dataclass(frozen=True)
+class Layer:
+    mode: str                  # "partition" or "dense"
+    input_block: bool
+    match_norm: bool
+    has_bias: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    layer: Optional[Layer] = None              # a compact_linear ...
+    pointwise: Optional[Pointwise] = None      # ... or an activation
+    extra: tuple = ()                          # the activation's non-tensor arguments
+
+
+# ---------------------------------------------------------------- finding regions in a graph
+_FULL, _BLOCK = "full", "block"
+
+
+def _single_user(n: fx.Node) -> Optional[fx.Node]:
+    users = list(n.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _match(sort: fx.Node):
+    """A region_sort node's chain, or None when the region is not one this path runs.
+    Returns (sort_rows node, area node, anchor node, K, [(node, Step)], exit node)."""
+    area_node, areas = sort.args[0], sort.args[1]
+    getitems = {}
+    for u in sort.users:
+        if u.op != "call_function" or u.target is not operator.getitem:
+            return None
+        getitems[u.args[1]] = u
+    order, sorted_area, offs = (getitems.get(i) for i in range(3))
+    if order is None or sorted_area is None:
+        return None
+    entry = [u for u in order.users if u.target is sal.sort_rows.default]
+    if len(entry) != 1:
+        return None
+    node, layout = entry[0], _FULL
+    chain: List[Tuple[fx.Node, Step]] = []
+    anchor = None
+    allowed = {order, sorted_area, offs} - {None}
+    while True:
+        nxt = _single_user(node)
+        if nxt is None or nxt.op != "call_function":
+            return None
+        if nxt.target is sal.compact_linear.default:
+            a = L.bind(nxt)
+            if a["x"] is not node or a["area"] is not sorted_area or a["offs"] is not offs \
+                    or a["areas"] != areas or a["mode"] not in ("partition", "dense") \
+                    or bool(a["input_block"]) != (layout == _BLOCK):
+                return None
+            if anchor is None:
+                anchor = a["anchor"]
+            elif a["anchor"] is not anchor:
+                return None
+            chain.append((nxt, Step(layer=Layer(a["mode"], bool(a["input_block"]),
+                                                bool(a["match_norm"]), a["bias"] is not None))))
+            layout = _BLOCK if a["mode"] == "partition" else _FULL
+        elif nxt.target in POINTWISE and nxt.args and nxt.args[0] is node and \
+                not nxt.kwargs and all(not isinstance(v, fx.Node) for v in nxt.args[1:]):
+            pw = POINTWISE[nxt.target]
+            if layout == _BLOCK and not pw.keeps_zero:
+                return None
+            chain.append((nxt, Step(pointwise=pw, extra=tuple(nxt.args[1:]))))
+        elif nxt.target is sal.unsort_rows.default and layout == _FULL and \
+                nxt.args[1] is order:
+            exit_node = nxt
+            break
+        elif nxt.target is sal.scatter_blocks.default and layout == _BLOCK and \
+                nxt.args[1:] == (order, sorted_area, areas):
+            exit_node = nxt
+            break
+        else:
+            return None
+        node = nxt
+    if not any(s.layer for _, s in chain):
+        return None
+    inside = {entry[0], exit_node} | {n for n, _ in chain}
+    for g in allowed:   # the sort's outputs are read inside the chain only
+        if any(u not in inside for u in g.users):
+            return None
+    return entry[0], area_node, anchor, areas, chain, exit_node
+
+
+def rewrite(graph: fx.Graph) -> Tuple[fx.Graph, Dict[str, Callable]]:
+    """A copy of `graph` in which every region this path runs is one call (see `_region`), and
+    the callables it names; the graph itself when there is none."""
+    if not ENABLED or not any(n.target is sal.region_sort.default for n in graph.nodes):
+        return graph, {}
+    new = fx.Graph(tracer_cls=graph._tracer_cls)
+    out, old_output = new.graph_copy(graph, {}, return_output_node=True)
+    new.output(out, type_expr=old_output.type)
+    new._codegen = graph._codegen   # shared, not changed (it writes the pytree in/out lines)
+    fns: Dict[str, Callable] = {}
+    for sort in [n for n in new.nodes if n.target is sal.region_sort.default]:
+        m = _match(sort)
+        if m is None:
+            continue
+        entry, area, anchor, areas, chain, exit_node = m
+        x = entry.args[0]
+        params = []
+        for n, s in chain:
+            if s.layer is not None:
+                a = L.bind(n)
+                params += [a["weight"], a["bias"], a["feedback"]]
+        name = f"_sal_region_{len(fns)}"
+        fns[name] = _region(name, areas, [s for _, s in chain],
+                            _fallback(sort, chain, exit_node), exit_node.target)
+        with new.inserting_before(exit_node):
+            call = new.call_function(fns[name], (x, area, anchor, *params))
+        exit_node.replace_all_uses_with(call)
+        for n in reversed([*[n for n, _ in chain], exit_node]):
+            new.erase_node(n)
+        new.erase_node(entry)
+        for g in list(sort.users):
+            new.erase_node(g)
+        new.erase_node(sort)
+    if not fns:
+        return graph, {}
+    new.lint()
+    return new, fns
+
+
+def _fallback(sort: fx.Node, chain, exit_node) -> Callable:
+    """The region's own ops, one by one through the fast path: (x, area, anchor, *params) -> y."""
+    areas = sort.args[1]
+    steps = []
+    for n, s in chain:
+        if s.layer is not None:
+            a = L.bind(n)
+            steps.append((fast.op(n.target), a["mode"], a["input_block"], a["match_norm"]))
+        else:
+            steps.append((n.target, s.extra))
+    blocks = exit_node.target is sal.scatter_blocks.default
+    sort_op, rows_op = fast.op(sal.region_sort.default), fast.op(sal.sort_rows.default)
+    exit_op = fast.op(exit_node.target)
+
+    def run(x, area, anchor, *params):
+        order, sorted_area, offs = sort_op(area, areas)
+        v = rows_op(x, order)
+        p = iter(params)
+        for st in steps:
+            if len(st) == 4:
+                op, mode, input_block, match_norm = st
+                w, b, f = next(p), next(p), next(p)
+                v = op(v, sorted_area, anchor, w, b, f, offs, areas, mode, input_block,
+                       match_norm)
+            else:
+                v = st[0](v, *st[1])
+        return exit_op(v, order, sorted_area, areas) if blocks else exit_op(v, order)
+    return run
+
+
+# ---------------------------------------------------------------- the masked-dense form
+_MASKS: Dict[tuple, Tensor] = {}
+
+
+def _block_of(width: int, areas: int, device) -> Tensor:
+    """[width] int64: the area owning each column (cached; a constant)."""
+    key = (width, areas, device)
+    t = _MASKS.get(key)
+    if t is None:
+        t = torch.arange(width, device=device).div_(width // areas, rounding_mode="floor")
+        if len(_MASKS) > 256:
+            _MASKS.clear()
+        _MASKS[key] = t
+    return t
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _forward(x: Tensor, area: Tensor, steps, params, areas: int, saved: list) -> Tensor:
+    """Masked-dense forward; `saved` gets what the backward needs, per step."""
+    v = _rows(x)
+    p = 0
+    for st in steps:
+        if st.layer is not None:
+            w, b = params[p], params[p + 1]
+            p += 3
+            y = torch.addmm(b, v, w.t()) if b is not None else v.mm(w.t())
+            off = None
+            if st.layer.mode == "partition":
+                off = _block_of(w.shape[0], areas, y.device).ne(area.unsqueeze(1))
+                y.masked_fill_(off, 0)
+            saved.append((v, off))
+            v = y
+        else:
+            y = st.pointwise.forward(v, *st.extra)
+            saved.append((v, y))
+            v = y
+    return v
+
+
+def _backward(g: Tensor, x: Tensor, area: Tensor, steps, params, areas: int, saved, needs):
+    """Gradients of (x, *params) for the masked forward (None where not needed)."""
+    grads: List[Optional[Tensor]] = [None] * len(params)
+    p = len(params)
+    need_x = needs[0]
+    for i in range(len(steps) - 1, -1, -1):
+        st = steps[i]
+        if st.layer is None:
+            v, y = saved[i]
+            g = st.pointwise.backward(g, v, y, *st.extra)
+            continue
+        p -= 3
+        w, b, f = params[p:p + 3]
+        nw, nb, nf = needs[3 + p:6 + p]
+        v, off = saved[i]
+        if off is not None:
+            g = g.masked_fill(off, 0)   # outside the row's block the output is a constant 0
+        if nw or nf:
+            gw = g.t().mm(v)
+            grads[p] = gw if nw else None
+            grads[p + 2] = kp_grad(nf, gw)
+        if nb and b is not None:
+            grads[p + 1] = g.sum(0)
+        if i == 0 and not need_x:
+            break
+        fb = w if f is None else f
+        gx = g.mm(fb)
+        lay = st.layer
+        if lay.input_block:
+            gx.masked_fill_(_block_of(w.shape[1], areas, gx.device).ne(area.unsqueeze(1)), 0)
+        if f is not None and lay.match_norm:
+            wk = _stack(w, areas, lay.mode, lay.input_block)
+            scale = _block_norms(wk) / _fixed_block_norms(f, _stack(f, areas, lay.mode,
+                                                                   lay.input_block))
+            gx.mul_(scale.to(gx.dtype).index_select(0, area).unsqueeze(1))
+        g = gx
+    gx = g.reshape(x.shape) if need_x else None
+    return gx, grads
+
+
+class _MaskedRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, area, anchor, steps, areas, *params):
+        saved: list = []
+        y = _forward(x, area, steps, params, areas, saved)
+        ctx.steps, ctx.areas, ctx.saved, ctx.params = steps, areas, saved, params
+        ctx.x, ctx.area, ctx.anchor_like = x, area, anchor
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        needs = ctx.needs_input_grad
+        needs = (needs[0], needs[1], needs[2]) + tuple(needs[5:])
+        gx, grads = _backward(_rows(g), ctx.x, ctx.area, ctx.steps, ctx.params, ctx.areas,
+                              ctx.saved, needs)
+        ctx.saved = ctx.params = None
+        # the anchor's zero gradient runs the region gate's local rule (ops/gate.py)
+        return (gx, None, torch.zeros_like(ctx.anchor_like), None, None, *grads)
+
+
+def _macs(rows: int, params) -> int:
+    return rows * sum(w.shape[0] * w.shape[1] for w in params[0::3])
+
+
+def _region(name: str, areas: int, steps, fallback: Callable, exit_target) -> Callable:
+    steps = tuple(steps)
+    blocks = exit_target is sal.scatter_blocks.default
+
+    def region(x, area, anchor, *params):
+        rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+        if not (rows and area.numel() == rows and fast._plain((x, area, anchor, *params))
+                and _macs(rows, params) <= MASKED_MACS):
+            TAKEN["compact"] += 1
+            return fallback(x, area, anchor, *params)
+        TAKEN["masked"] += 1
+        flat = area if area.dim() == 1 else area.reshape(-1)
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(x, *params):
+            y = _MaskedRegion.apply(x, flat, anchor, steps, areas, *params)
+        else:
+            y = _forward(x, flat, steps, params, areas, [])
+        return y.reshape(x.shape[:-1] + (y.shape[-1],)) if x.dim() != 2 else y
+
+    region.__name__ = region.__qualname__ = name
+    region.sal_blocks = blocks
+    return region
