@@ -24,9 +24,10 @@ Writes benchmarks/results/step_time_<device>.md (or --out).
 --paper-scale: the paper's own setting, where a step is bound by per-op overhead, not arithmetic:
 salcompile.models.MLP(64, 256, 10) (the zoo's "mlp"), batch 16, Adam lr 1e-3, one thread on the
 CPU; dense BP eager / compiled, FA eager / compiled, SAL-16 partition eager / compiled, SAL-16
-replicate, and SAL-16 partition with the eager fast path off in its forward (salcompile/ops/
-fast.py: every custom op through the dispatcher, as before issue 13; the ops' cheaper internals
-stay). Interleaved rounds of --steps-per-round
+replicate, SAL-16 partition with its fused region as compact ops one by one (the few-rows
+region path off: salcompile/ops/fast_region.py), and SAL-16 partition with the eager fast path
+off in its forward (salcompile/ops/fast.py: every custom op through the dispatcher, as before
+issue 13; the ops' cheaper internals stay). Interleaved rounds of --steps-per-round
 steps per variant; median of the per-round means. Writes step_time_paper_scale[_cuda].md.
 
 --billion: salcompile.models.build("replicate-1b") with REGISTRY["replicate-1b"].sal in bf16 on
@@ -471,6 +472,19 @@ class _FastPathOff:
         return self.module.parameters()
 
 
+def _compact_ops(module):
+    """`module` with its eager forward rendered with the few-rows region path off
+    (salcompile/ops/fast_region.py): every fused region runs its compact ops one by one, as
+    before that path (the rendering is cached per module class, so this holds for its life)."""
+    from salcompile.ops import fast, fast_region
+    fast_region.ENABLED = False
+    try:
+        fast.eager_forward(module)
+    finally:
+        fast_region.ENABLED = True
+    return module
+
+
 def _fast_module():
     try:
         from salcompile.ops import fast
@@ -509,11 +523,13 @@ def run_paper_scale(args):
         ("FA compiled", lambda: salcompile.compile(sal(areas=1))),
         ("SAL-16 partition eager", lambda: sal(areas=16)),
         ("SAL-16 partition compiled", lambda: salcompile.compile(sal(areas=16))),
+        ("SAL-16 partition eager, compact ops (no few-rows region path)",
+         lambda: _compact_ops(sal(areas=16))),
         ("SAL-16 partition eager, ops via dispatcher", lambda: _FastPathOff(sal(areas=16))),
         ("SAL-16 replicate eager", lambda: sal(areas=16, area_mode="replicate")),
     ]
     if fast is None:
-        specs = [s for s in specs if "dispatcher" not in s[0]]
+        specs = [s for s in specs if "dispatcher" not in s[0] and "compact ops" not in s[0]]
     runners, failed = [], []
     for label, make in specs:
         if budget_end and time.perf_counter() > budget_end:

@@ -297,3 +297,13 @@ def pytest_configure(config):
     # They run by default, CI included; `pytest -m "not slow"` leaves them out of a quick loop.
     config.addinivalue_line("markers", "slow: compiles or exports a model (deselect with "
                                        "-m 'not slow')")
+
+
+@pytest.fixture
+def compact_regions(monkeypatch):
+    """Fused regions run as their compact ops one by one (salcompile/ops/fast_region.py's
+    few-rows masked path off, read when a module first renders its eager forward): for tests
+    that hold two forms equal bit for bit where only one of them could take that path (its own
+    equality, to rounding, is tests/test_fast_region.py's)."""
+    from salcompile.ops import fast_region
+    monkeypatch.setattr(fast_region, "ENABLED", False)

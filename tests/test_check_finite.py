@@ -114,7 +114,7 @@ def _cases():
 
 
 @pytest.mark.parametrize("name,model,inp,kw", _cases(), ids=[c[0] for c in _cases()])
-def test_guards_change_no_output_and_no_gradient(name, model, inp, kw):
+def test_guards_change_no_output_and_no_gradient(name, model, inp, kw, compact_regions):
     model, x = model(), inp()
     runs = {}
     for check in (False, True):

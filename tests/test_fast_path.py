@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import salcompile
 from salcompile.models import MLP
-from salcompile.ops import fast, fast_region
+from salcompile.ops import fast
 
 CASES = {
     "fa dense": dict(areas=1),
@@ -32,8 +32,7 @@ def _step_grads(sal, x, y):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("rows", [6, 40])   # few rows per area, and the grouped path
-def test_fast_path_equals_dispatch_bit_for_bit(case, rows, monkeypatch):
-    monkeypatch.setattr(fast_region, "ENABLED", False)   # its own test: test_fast_region.py
+def test_fast_path_equals_dispatch_bit_for_bit(case, rows, monkeypatch, compact_regions):
     torch.manual_seed(0)
     x, y = torch.randn(rows, 8, dtype=torch.float64), torch.randint(0, 3, (rows,))
     sal = salcompile.transform(MLP(8, 16, 3, depth=3).double(), (x,), **CASES[case])

@@ -186,7 +186,7 @@ UNIT_CASES = [dict(areas=1), dict(areas=4, area_mode="replicate"), dict(areas=4)
 
 
 @pytest.mark.parametrize("fields", UNIT_CASES, ids=lambda f: "-".join(map(str, f.values())))
-def test_shard_units_keeps_values_gradients_and_names(fields):
+def test_shard_units_keeps_values_gradients_and_names(fields, compact_regions):
     zoo = fields.get("zoo")
     if zoo:
         x = models.example_input(zoo, batch=3, **models.REGISTRY[zoo].tiny)

@@ -245,7 +245,30 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
-def _forward(x: Tensor, area: Tensor, steps, params, areas: int, saved: list) -> Tensor:
+def _off_block(masks: dict, width: int, areas: int, area: Tensor) -> Tensor:
+    """[rows, width] bool: True outside each row's own block (one per width and call)."""
+    off = masks.get(width)
+    if off is None:
+        off = masks[width] = _block_of(width, areas, area.device).ne(area.unsqueeze(1))
+    return off
+
+
+def _scaled_feedback(f: Tensor, w: Tensor, areas: int, layer: Layer) -> Tensor:
+    """B with each area's block times ‖W_k‖/‖B_k‖ (match_norm, per area as in the compact ops).
+    Scaling B's blocks before one matmul is 2 ops where scaling the rows of dX after it is 4;
+    the blocks of another area that this scales too only ever meet zeros (masked)."""
+    wk = _stack(w, areas, layer.mode, layer.input_block)
+    scale = _block_norms(wk) / _fixed_block_norms(f, _stack(f, areas, layer.mode,
+                                                           layer.input_block))
+    scale = scale.to(f.dtype)
+    n, i = f.shape
+    if layer.mode == "dense":   # area k: columns block k
+        return (f.view(n, areas, i // areas) * scale.view(1, areas, 1)).view(n, i)
+    return (f.view(areas, n // areas, i) * scale.view(areas, 1, 1)).view(n, i)   # rows block k
+
+
+def _forward(x: Tensor, area: Tensor, steps, params, areas: int, saved: list,
+             masks: dict) -> Tensor:
     """Masked-dense forward; `saved` gets what the backward needs, per step."""
     v = _rows(x)
     p = 0
@@ -256,7 +279,7 @@ def _forward(x: Tensor, area: Tensor, steps, params, areas: int, saved: list) ->
             y = torch.addmm(b, v, w.t()) if b is not None else v.mm(w.t())
             off = None
             if st.layer.mode == "partition":
-                off = _block_of(w.shape[0], areas, y.device).ne(area.unsqueeze(1))
+                off = _off_block(masks, w.shape[0], areas, area)
                 y.masked_fill_(off, 0)
             saved.append((v, off))
             v = y
@@ -267,7 +290,8 @@ def _forward(x: Tensor, area: Tensor, steps, params, areas: int, saved: list) ->
     return v
 
 
-def _backward(g: Tensor, x: Tensor, area: Tensor, steps, params, areas: int, saved, needs):
+def _backward(g: Tensor, x_shape, area: Tensor, steps, params, areas: int, saved, needs,
+              masks: dict):
     """Gradients of (x, *params) for the masked forward (None where not needed)."""
     grads: List[Optional[Tensor]] = [None] * len(params)
     p = len(params)
@@ -292,18 +316,16 @@ def _backward(g: Tensor, x: Tensor, area: Tensor, steps, params, areas: int, sav
             grads[p + 1] = g.sum(0)
         if i == 0 and not need_x:
             break
-        fb = w if f is None else f
-        gx = g.mm(fb)
         lay = st.layer
+        if f is None:
+            fb = w   # backprop inside the area
+        else:
+            fb = _scaled_feedback(f, w, areas, lay) if lay.match_norm else f
+        gx = g.mm(fb)
         if lay.input_block:
-            gx.masked_fill_(_block_of(w.shape[1], areas, gx.device).ne(area.unsqueeze(1)), 0)
-        if f is not None and lay.match_norm:
-            wk = _stack(w, areas, lay.mode, lay.input_block)
-            scale = _block_norms(wk) / _fixed_block_norms(f, _stack(f, areas, lay.mode,
-                                                                   lay.input_block))
-            gx.mul_(scale.to(gx.dtype).index_select(0, area).unsqueeze(1))
+            gx.masked_fill_(_off_block(masks, w.shape[1], areas, area), 0)
         g = gx
-    gx = g.reshape(x.shape) if need_x else None
+    gx = g.reshape(x_shape) if need_x else None
     return gx, grads
 
 
@@ -311,18 +333,25 @@ class _MaskedRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, area, anchor, steps, areas, *params):
         saved: list = []
-        y = _forward(x, area, steps, params, areas, saved)
-        ctx.steps, ctx.areas, ctx.saved, ctx.params = steps, areas, saved, params
-        ctx.x, ctx.area, ctx.anchor_like = x, area, anchor
+        masks: dict = {}
+        y = _forward(x, area, steps, params, areas, saved, masks)
+        # save_for_backward: the version checks of an in-place change, and no reference cycle
+        # where the region's last value (a saved activation output) is this output
+        ctx.save_for_backward(area, *params, *(t for pair in saved for t in pair))
+        ctx.steps, ctx.areas, ctx.masks, ctx.n_params = steps, areas, masks, len(params)
+        ctx.x_shape, ctx.anchor_like = x.shape, anchor
         return y
 
     @staticmethod
     def backward(ctx, g):
         needs = ctx.needs_input_grad
         needs = (needs[0], needs[1], needs[2]) + tuple(needs[5:])
-        gx, grads = _backward(_rows(g), ctx.x, ctx.area, ctx.steps, ctx.params, ctx.areas,
-                              ctx.saved, needs)
-        ctx.saved = ctx.params = None
+        area, *rest = ctx.saved_tensors
+        params, flat = rest[:ctx.n_params], rest[ctx.n_params:]
+        saved = list(zip(flat[0::2], flat[1::2]))
+        gx, grads = _backward(_rows(g), ctx.x_shape, area, ctx.steps, params, ctx.areas,
+                              saved, needs, ctx.masks)
+        ctx.masks = None
         # the anchor's zero gradient runs the region gate's local rule (ops/gate.py)
         return (gx, None, torch.zeros_like(ctx.anchor_like), None, None, *grads)
 
@@ -346,7 +375,7 @@ def _region(name: str, areas: int, steps, fallback: Callable, exit_target) -> Ca
         if torch.is_grad_enabled() and torch._C._any_requires_grad(x, *params):
             y = _MaskedRegion.apply(x, flat, anchor, steps, areas, *params)
         else:
-            y = _forward(x, flat, steps, params, areas, [])
+            y = _forward(x, flat, steps, params, areas, [], {})
         return y.reshape(x.shape[:-1] + (y.shape[-1],)) if x.dim() != 2 else y
 
     region.__name__ = region.__qualname__ = name

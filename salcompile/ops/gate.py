@@ -122,25 +122,28 @@ def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Te
     topk = area.dim() == 2   # [N, choices] under top-k routing
     if not topk and global_route_counts is _ROUTE_COUNTS and sync_group() is None:
         rows = area.shape[0]
-        frac = area_counts(area, k).to(p.dtype).div_(max(rows, 1))
+        # v = α·K·f_k, f_k = counts / N
+        v = area_counts(area, k).to(p.dtype).mul_(balance_weight * k / max(rows, 1))
     else:
         hot = F.one_hot(area, k).to(p.dtype)   # [N, K], or [N, choices, K]
         choices = hot.shape[1] if topk else 1
         counts = hot.sum((0, 1) if topk else 0, dtype=torch.float64)   # selections
         stats = global_route_counts(counts)  # [counts over the group, world]
         total = stats[:-1].sum().clamp_min(1)
-        frac = (stats[:-1] / total).to(p.dtype)
+        v = (stats[:-1] / total).to(p.dtype).mul_(balance_weight * k)
         rows = total / stats[-1] / choices   # N_global / world (= N for one process)
-    # d/ds of CE (p - y) and of the balance term α·K·Σ_k f_k p_k (softmax Jacobian applied to f)
-    gs = (frac - p.matmul(frac).unsqueeze(-1)).mul_(balance_weight * k).add_(1).mul_(p)
+    # d/ds of CE (p - y) and of the balance term α·K·Σ_k f_k p_k (the softmax Jacobian applied
+    # to v = α·K·f): p·(1 + v - ⟨p, v⟩) - y, in as few ops as it takes (the step is op-bound at
+    # the paper's size)
+    gs = torch.addcmul(p, p, v - p.matmul(v).unsqueeze(-1))
     if topk:
         gs.sub_(hot.sum(1) / choices)   # y: the k winners' mean one-hot
     else:
-        # gs[t, area_t] += -1 (index_add_'s arithmetic, in fewer ops)
-        gs.scatter_add_(1, area.unsqueeze(1), gs.new_full((area.shape[0], 1), -1.0))
-    gz = gs.matmul(prototypes).div_(rows * temperature)
+        gs.scatter_(1, area.unsqueeze(1), -1.0, reduce="add")   # gs[t, area_t] -= 1
+    gz = gs.mm(prototypes).div_(rows * temperature)
+    # the normalisation's Jacobian: (gz - z⟨z, gz⟩) / ‖u‖
     gu = gz.sub_(z * (z * gz).sum(-1, keepdim=True)).div_(n)
-    return gu.t().matmul(features)
+    return gu.t().mm(features)
 
 
 def area_counts(area: Tensor, k: int) -> Tensor:
