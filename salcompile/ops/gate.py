@@ -123,7 +123,7 @@ def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Te
     if not topk and global_route_counts is _ROUTE_COUNTS and sync_group() is None:
         rows = area.shape[0]
         # v = α·K·f_k, f_k = counts / N
-        v = area_counts(area, k).to(p.dtype).mul_(balance_weight * k / max(rows, 1))
+        v = area_counts(area, k).to(p.dtype).div_(max(rows, 1)).mul_(balance_weight * k)
     else:
         hot = F.one_hot(area, k).to(p.dtype)   # [N, K], or [N, choices, K]
         choices = hot.shape[1] if topk else 1
@@ -139,7 +139,9 @@ def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Te
     if topk:
         gs.sub_(hot.sum(1) / choices)   # y: the k winners' mean one-hot
     else:
-        gs.scatter_(1, area.unsqueeze(1), -1.0, reduce="add")   # gs[t, area_t] -= 1
+        # gs[t, area_t] -= 1 (index_add_'s arithmetic in fewer ops; scatter_'s scalar reduce
+        # form would be one op fewer but has no ONNX translation)
+        gs.scatter_add_(1, area.unsqueeze(1), gs.new_full((area.shape[0], 1), -1.0))
     gz = gs.mm(prototypes).div_(rows * temperature)
     # the normalisation's Jacobian: (gz - z⟨z, gz⟩) / ‖u‖
     gu = gz.sub_(z * (z * gz).sum(-1, keepdim=True)).div_(n)
