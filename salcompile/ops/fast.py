@@ -140,6 +140,53 @@ def register_all() -> None:
                 _register(v)
 
 
+def _direct_attribute_reads(src: str, graph, module) -> str:
+    """Each parameter or buffer read of the graph (`getattr(self.layers, "0").weight`: two
+    nn.Module.__getattr__ calls, ~1.6 µs, 10-20 of them a step) as the dictionary lookups
+    nn.Module.__getattr__ itself does (`self._modules['layers']._modules['0']._parameters
+    ['weight']`); a replaced parameter or submodule is still found (the dictionaries are read
+    at every call). Anything else (a plain attribute, a constant) keeps its line."""
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        *path, leaf = node.target.split(".")
+        owner, expr = module, "self"
+        for name in path:
+            owner = owner._modules.get(name) if isinstance(owner, nn.Module) else None
+            expr += f"._modules[{name!r}]"
+        if not isinstance(owner, nn.Module):
+            continue
+        if leaf in owner._parameters:
+            expr += f"._parameters[{leaf!r}]"
+        elif leaf in owner._buffers:
+            expr += f"._buffers[{leaf!r}]"
+        else:
+            continue
+        src = re.sub(rf"^(    {re.escape(node.name)} = )(getattr\(self\b|self\.)[^;\n]*",
+                     lambda m: m.group(1) + expr, src, count=1, flags=re.M)
+    return src
+
+
+_GUARDS = weakref.WeakKeyDictionary()   # a _guards_fn module -> its guard function
+
+
+def _guard_function(guards) -> Callable:
+    """torch.export's input-guard function inside its _guards_fn module. Its forward wraps it
+    in a dynamo config patch (`dont_skip_tracing`, for dynamo's retracing; ~4 µs of context
+    manager per call) that does nothing in plain eager mode; the forward itself when the
+    function cannot be found."""
+    fn = _GUARDS.get(guards)
+    if fn is None:
+        fn = forward = guards.forward
+        for cell in getattr(forward, "__closure__", None) or ():
+            inner = cell.cell_contents
+            if callable(inner) and getattr(inner, "__name__", None) == "_" and \
+                    getattr(inner, "__code__", None) is not None:
+                fn = inner
+        _GUARDS[guards] = fn
+    return fn
+
+
 def eager_forward(module) -> Callable:
     """module's generated forward with salcompile ops called through the fast path (cached per
     generated forward: a recompile() of the graph makes a new one)."""
@@ -167,9 +214,11 @@ def eager_forward(module) -> Callable:
             if callable(entry):
                 names[f"_aten_{name}_{overload}"] = entry
                 src = src.replace(qual, f"_aten_{name}_{overload}(")
-        # the input guards (torch.export's _guards_fn submodule): its forward, without
-        # nn.Module.__call__ (nothing hooks it)
-        src = src.replace("self._guards_fn(", "self._guards_fn.forward(")
+        src = _direct_attribute_reads(src, graph, module)
+        # the input guards (torch.export's _guards_fn submodule): its guard function itself,
+        # without nn.Module.__call__ (nothing hooks it) or the dynamo config patch around it
+        src = src.replace("self._guards_fn(", "_sal_guards(self._modules['_guards_fn'])(")
+        names["_sal_guards"] = _guard_function
         glb = dict(cls_forward.__globals__)
         glb.update(names)
         loc: dict = {}
