@@ -92,6 +92,8 @@ def _run_and_compare(sal, ref, x, y, steps=3):
             o.step()
     for (n, p), q in zip(sal.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=n)
+    for (n, b), c in zip(sal.named_buffers(), ref.buffers()):   # routing counts among them
+        assert torch.equal(b, c), n
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -148,7 +150,11 @@ def test_regions_it_does_not_run_keep_their_ops():
     code = sal.code
     graph, fns = fast_region.rewrite(sal.graph)
     assert len(fns) == 1 and graph is not sal.graph and sal.code == code
-    assert not any(n.target is torch.ops.salcompile.compact_linear.default for n in graph.nodes)
+    targets = [n.target for n in graph.nodes]
+    assert torch.ops.salcompile.compact_linear.default not in targets
+    # the gate joins the region's Function; the routing counter still counts (after it)
+    assert torch.ops.salcompile.region_gate.default not in targets
+    assert targets.count(torch.ops.salcompile.count_routes.default) == 1
 
 
 def test_float32_paper_scale_agrees_with_the_compact_ops():

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from . import fast
+from . import fast, gate
 from .compact import _block_norms, _fixed_block_norms, _stack
 from .fa import kp_grad
 from .. import layers as L
@@ -178,10 +178,17 @@ def rewrite(graph: fx.Graph) -> Tuple[fx.Graph, Dict[str, Callable]]:
                 a = L.bind(n)
                 params += [a["weight"], a["bias"], a["feedback"]]
         name = f"_sal_region_{len(fns)}"
-        fns[name] = _region(name, areas, [s for _, s in chain],
-                            _fallback(sort, chain, exit_node), exit_node.target)
+        region = _region(name, areas, [s for _, s in chain], _fallback(sort, chain, exit_node))
+        inside = {sort, entry, exit_node} | {n for n, _ in chain}
+        gate = _foldable_gate(area, anchor, inside)
+        fns[name] = region if gate is None else _gated(region, *gate.args[3:5])
         with new.inserting_before(exit_node):
-            call = new.call_function(fns[name], (x, area, anchor, *params))
+            if gate is None:
+                call = new.call_function(fns[name], (x, area, anchor, *params))
+            else:   # (y, area): the area for the gate's other readers (count_routes)
+                both = new.call_function(fns[name], (*gate.args[:3], x, *params))
+                call = new.call_function(operator.getitem, (both, 0))
+                gated_area = new.call_function(operator.getitem, (both, 1))
         exit_node.replace_all_uses_with(call)
         for n in reversed([*[n for n, _ in chain], exit_node]):
             new.erase_node(n)
@@ -189,10 +196,36 @@ def rewrite(graph: fx.Graph) -> Tuple[fx.Graph, Dict[str, Callable]]:
         for g in list(sort.users):
             new.erase_node(g)
         new.erase_node(sort)
+        if gate is not None:   # count_routes moves after the call; then the gate goes
+            for user in list(area.users):
+                with new.inserting_after(gated_area):
+                    new.call_function(user.target, (gated_area, *user.args[1:]), user.kwargs)
+                new.erase_node(user)
+            for g in list(gate.users):
+                new.erase_node(g)
+            new.erase_node(gate)
     if not fns:
         return graph, {}
     new.lint()
     return new, fns
+
+
+def _foldable_gate(area: fx.Node, anchor: fx.Node, inside) -> Optional[fx.Node]:
+    """The region_gate node whose area and anchor only this region reads (and count_routes):
+    its forward and local-rule backward can join the region's one Function."""
+    if area.op != "call_function" or area.target is not operator.getitem or area.args[1] != 0:
+        return None
+    gate = area.args[0]
+    if not isinstance(gate, fx.Node) or gate.target is not sal.region_gate.default or \
+            len(gate.args) != 5 or gate.kwargs:
+        return None
+    if not (isinstance(anchor, fx.Node) and anchor.target is operator.getitem and
+            anchor.args == (gate, 1) and set(anchor.users) <= inside):
+        return None
+    if set(gate.users) != {area, anchor} or any(
+            u not in inside and u.target is not sal.count_routes.default for u in area.users):
+        return None
+    return gate
 
 
 def _fallback(sort: fx.Node, chain, exit_node) -> Callable:
@@ -356,13 +389,74 @@ class _MaskedRegion(torch.autograd.Function):
         return (gx, None, torch.zeros_like(ctx.anchor_like), None, None, *grads)
 
 
+class _GatedMaskedRegion(torch.autograd.Function):
+    """The gate and the masked region in one Function: the gate's routing logits (ops/gate.py
+    _logits) give the area, and the backward adds the gate's local-rule gradient of P (no
+    anchor: nothing of the network's loss reaches P either way)."""
+
+    @staticmethod
+    def forward(ctx, features, proj, prototypes, x, steps, areas, temperature, balance,
+                *params):
+        logits = gate._logits(features, proj, prototypes)
+        area = logits[2].argmax(-1)
+        saved: list = []
+        masks: dict = {}
+        y = _forward(x, area, steps, params, areas, saved, masks)
+        ctx.mark_non_differentiable(area)
+        ctx.save_for_backward(features, proj, prototypes, area, *logits, *params,
+                              *(t for pair in saved for t in pair))
+        ctx.steps, ctx.areas, ctx.masks, ctx.n_params = steps, areas, masks, len(params)
+        ctx.x_shape, ctx.rule = x.shape, (temperature, balance)
+        return y, area
+
+    @staticmethod
+    def backward(ctx, g, _):
+        needs = ctx.needs_input_grad
+        features, proj, prototypes, area, z, n, s, *rest = ctx.saved_tensors
+        params, flat = rest[:ctx.n_params], rest[ctx.n_params:]
+        gx, grads = _backward(_rows(g), ctx.x_shape, area, ctx.steps, params, ctx.areas,
+                              list(zip(flat[0::2], flat[1::2])),
+                              (needs[3], False, False) + tuple(needs[8:]), ctx.masks)
+        ctx.masks = None
+        gp = gate.local_rule_grad(features, proj, prototypes, area, *ctx.rule, (z, n, s)) \
+            if needs[1] else None
+        return (None, gp, None, gx, None, None, None, None, *grads)
+
+
+def _gated(region: Callable, temperature: float, balance: float) -> Callable:
+    """(features, proj, prototypes, x, *params) -> (y, area): the gate folded into `region`
+    where the masked path runs; the gate's own fast op and then `region` otherwise."""
+    gate_op = fast.op(sal.region_gate.default)
+
+    def gated(features, proj, prototypes, x, *params):
+        rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+        if not (rows and features.dim() == 2 and features.shape[0] == rows and
+                features.dtype == proj.dtype == prototypes.dtype and
+                fast._plain((features, proj, prototypes, x, *params)) and
+                _macs(rows, params) <= MASKED_MACS):
+            area, anchor = gate_op(features, proj, prototypes, temperature, balance)
+            return region(x, area, anchor, *params), area
+        TAKEN["masked"] += 1
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(proj, x, *params):
+            y, area = _GatedMaskedRegion.apply(features, proj, prototypes, x, region.steps,
+                                               region.areas, temperature, balance, *params)
+        else:
+            area = gate.route(features, proj, prototypes)
+            y = _forward(x, area, region.steps, params, region.areas, [], {})
+        return (y.reshape(x.shape[:-1] + (y.shape[-1],)) if x.dim() != 2 else y), area
+
+    gated.__name__ = gated.__qualname__ = region.__name__
+    return gated
+
+
 def _macs(rows: int, params) -> int:
     return rows * sum(w.shape[0] * w.shape[1] for w in params[0::3])
 
 
-def _region(name: str, areas: int, steps, fallback: Callable, exit_target) -> Callable:
+def _region(name: str, areas: int, steps, fallback: Callable) -> Callable:
+    """(x, area, anchor, *params) -> y: the masked path where it applies, `fallback` (the
+    compact ops) otherwise."""
     steps = tuple(steps)
-    blocks = exit_target is sal.scatter_blocks.default
 
     def region(x, area, anchor, *params):
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
@@ -379,5 +473,5 @@ def _region(name: str, areas: int, steps, fallback: Callable, exit_target) -> Ca
         return y.reshape(x.shape[:-1] + (y.shape[-1],)) if x.dim() != 2 else y
 
     region.__name__ = region.__qualname__ = name
-    region.sal_blocks = blocks
+    region.steps, region.areas = steps, areas
     return region

@@ -110,9 +110,9 @@ def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Te
     of the concatenated batch.
 
     One winner per row and one process (the paper's setting) take the short way to the same
-    statistics (f_k = counts/N, N rows, no float64 round trip: the same float values) and
-    `p - onehot` is one indexed subtraction; the rest is shared, so a world of one gives the
-    one-process numbers bit for bit.
+    statistics (f_k = counts/N, N rows, no float64 round trip: the same float values); the rest
+    is shared (one winner: the one-hot's product with the prototypes is their rows C[area]), so
+    a world of one gives the one-process numbers bit for bit.
 
     `logits`: (z, ‖u‖, ⟨z, c⟩) of these rows as the forward computed them (_logits; the eager
     fast path keeps them), instead of computing them again: the same values."""
@@ -138,11 +138,10 @@ def local_rule_grad(features: Tensor, proj: Tensor, prototypes: Tensor, area: Te
     gs = torch.addcmul(p, p, v - p.matmul(v).unsqueeze(-1))
     if topk:
         gs.sub_(hot.sum(1) / choices)   # y: the k winners' mean one-hot
-    else:
-        # gs[t, area_t] -= 1 (index_add_'s arithmetic in fewer ops; scatter_'s scalar reduce
-        # form would be one op fewer but has no ONNX translation)
-        gs.scatter_add_(1, area.unsqueeze(1), gs.new_full((area.shape[0], 1), -1.0))
-    gz = gs.mm(prototypes).div_(rows * temperature)
+        gz = gs.mm(prototypes)
+    else:   # (gs - onehot)·C = gs·C - C[area]: two ops where the one-hot took four
+        gz = torch.addmm(prototypes.index_select(0, area), gs, prototypes, beta=-1)
+    gz = gz.div_(rows * temperature)
     # the normalisation's Jacobian: (gz - z⟨z, gz⟩) / ‖u‖
     gu = gz.sub_(z * (z * gz).sum(-1, keepdim=True)).div_(n)
     return gu.t().mm(features)
