@@ -13,7 +13,8 @@ row's own block; a plain matmul then multiplies the other blocks by exact zeros.
 autograd.Function runs the whole chain forward and one backward computes every gradient (FA's B,
 `match_norm`'s per-area ‖W_k‖/‖B_k‖, Kolen-Pollack's B.grad): the compact ops' numbers up to
 float rounding (the same products, summed in another order), checked against them in
-tests/test_fast_region.py.
+tests/test_fast_region.py. Where only the region (and its routing counter) reads a region_gate,
+the gate joins that Function too: its routing in the forward, its local rule in the backward.
 
 Taken only on the eager fast path (ops/fast.py `eager_forward`: nothing observes the difference;
 the graph that compile, export, save and ONNX read is unchanged), when every tensor is a plain
