@@ -27,7 +27,9 @@ CPU; dense BP eager / compiled, FA eager / compiled, SAL-16 partition eager / co
 replicate, SAL-16 partition with its fused region as compact ops one by one (the few-rows
 region path off: salcompile/ops/fast_region.py), and SAL-16 partition with the eager fast path
 off in its forward (salcompile/ops/fast.py: every custom op through the dispatcher, as before
-issue 13; the ops' cheaper internals stay). Interleaved rounds of --steps-per-round
+issue 13; the ops' cheaper internals stay); then dense BP, FA and SAL-16 partition eager once
+more, each step's phases (zero_grad, forward, loss, backward, optimizer step) timed one by one.
+Interleaved rounds of --steps-per-round
 steps per variant; median of the per-round means. Writes step_time_paper_scale[_cuda].md.
 
 --billion: salcompile.models.build("replicate-1b") with REGISTRY["replicate-1b"].sal in bf16 on
@@ -111,6 +113,36 @@ class Runner:
             self.step()
         _sync(device)
         self.times.append((time.perf_counter() - t0) / steps)
+
+
+PHASES = ("zero_grad", "forward", "loss", "backward", "optimizer step")
+
+
+def phase_round(r: Runner, device, steps: int, into: dict) -> None:
+    """`steps` steps of r, each phase timed on its own (sync'd); the round's mean per phase is
+    appended to into[r.label][phase]."""
+    sums = dict.fromkeys(PHASES, 0.0)
+    for _ in range(steps):
+        marks = [time.perf_counter()]
+        r.opt.zero_grad(set_to_none=True)
+        _sync(device)
+        marks.append(time.perf_counter())
+        out = r.module(r.x)
+        _sync(device)
+        marks.append(time.perf_counter())
+        loss = F.cross_entropy(out, r.y)
+        _sync(device)
+        marks.append(time.perf_counter())
+        loss.backward()
+        _sync(device)
+        marks.append(time.perf_counter())
+        r.opt.step()
+        _sync(device)
+        marks.append(time.perf_counter())
+        for name, a, b in zip(PHASES, marks, marks[1:]):
+            sums[name] += b - a
+    for name in PHASES:
+        into.setdefault(r.label, {}).setdefault(name, []).append(sums[name] / steps)
 
 
 def interleave(runners, rounds: int, budget_end, one_round, start=None) -> None:
@@ -586,6 +618,19 @@ def run_paper_scale(args):
         lines.append(f"- {label}: {med:.2f}x dense BP eager, target <= {limit}x: "
                      f"{'met' if med <= limit else 'MISSED'} (fastest rounds: {mn:.2f}x, "
                      f"{'met' if mn <= limit else 'missed'})")
+    phased = [r for r in ok if r.label in ("dense BP eager", "FA eager", "SAL-16 partition eager")]
+    if phased and not (budget_end and time.perf_counter() > budget_end):
+        phases: dict = {}
+        interleave(phased, max(3, rounds // 2), budget_end,
+                   lambda r: phase_round(r, device, steps, phases))
+        lines += ["", "## Per phase (µs/step; the same steps timed phase by phase, interleaved "
+                  "rounds, medians; each phase sync'd, so the sum is a little above the step)", "",
+                  "| variant | " + " | ".join(PHASES) + " | sum |",
+                  "|---|" + "---|" * (len(PHASES) + 1)]
+        for r in phased:
+            meds = [statistics.median(phases[r.label][p]) * 1e6 for p in PHASES]
+            lines.append(f"| {r.label} | " + " | ".join(f"{m:.0f}" for m in meds) +
+                         f" | {sum(meds):.0f} |")
     part = next((r for r in ok if r.label == "SAL-16 partition eager"), None)
     if part is not None and not (budget_end and time.perf_counter() > budget_end):
         lines += ["", "## Where the time goes: SAL-16 partition eager step (torch.profiler, 2 steps, "
