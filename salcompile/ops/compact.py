@@ -422,6 +422,15 @@ def _segment_sum(values: Tensor, area: Tensor, areas: int) -> Tensor:
     return values.new_zeros((areas,) + tuple(values.shape[1:])).index_add_(0, area, values)
 
 
+def _segment_sum_ok(values: Tensor) -> bool:
+    """_segment_sum for per-area bias gradients at any row count: on CPU, index_add_ over the rows
+    is 6-10x faster than a grouped matmul with a ones column (16 tiny matmuls; measured at 4096
+    rows, 16 areas, widths 64 and 256) and sums each area's rows in the same order. Not on CUDA
+    (its index_add_ is atomic: the order, and so the float sum, would vary run to run), nor for
+    half types (index_add_ accumulates in the tensor's own dtype; the matmul in float32)."""
+    return values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64)
+
+
 def _block_norms(blocks: Tensor) -> Tensor:
     """[K, o, i] → [K] Frobenius norms. Contiguous first: reducing strided block views in place
     is 2-3x slower than copying them."""
@@ -498,7 +507,7 @@ def compact_linear_backward(grad: Tensor, x: Tensor, area: Tensor, offs: Tensor,
             _mm_groups(g2.t(), x2, offs)
         gw = _unstack(gk, weight, areas, mode, input_block)
     if need_b and has_bias:
-        if few and mode != "dense":
+        if (few or _segment_sum_ok(g2)) and mode != "dense":
             gb = _segment_sum(g2, area, areas)
             gb = gb.reshape(-1) if mode == "partition" else gb
         elif mode == "dense":   # column sums as a matrix-vector product (faster than sum(0))
