@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import fast, gate
 from .compact import _block_norms, _fixed_block_norms, _stack
-from .fa import kp_grad
+from .fa import _TINY, fixed_value, kp_grad
 from .. import layers as L
 
 ENABLED = True            # False: always the compact ops (tests compare the two)
@@ -291,14 +291,26 @@ def _scaled_feedback(f: Tensor, w: Tensor, areas: int, layer: Layer) -> Tensor:
     """B with each area's block times ‖W_k‖/‖B_k‖ (match_norm, per area as in the compact ops).
     Scaling B's blocks before one matmul is 2 ops where scaling the rows of dX after it is 4;
     the blocks of another area that this scales too only ever meet zeros (masked)."""
-    wk = _stack(w, areas, layer.mode, layer.input_block)
-    scale = _block_norms(wk) / _fixed_block_norms(f, _stack(f, areas, layer.mode,
-                                                           layer.input_block))
-    scale = scale.to(f.dtype)
     n, i = f.shape
     if layer.mode == "dense":   # area k: columns block k
-        return (f.view(n, areas, i // areas) * scale.view(1, areas, 1)).view(n, i)
-    return (f.view(areas, n // areas, i) * scale.view(areas, 1, 1)).view(n, i)   # rows block k
+        shape, keep = (n, areas, i // areas), (1, areas, 1)
+    else:                       # area k: rows block k
+        shape, keep = (areas, n // areas, i), (areas, 1, 1)
+    wk = _stack(w, areas, layer.mode, layer.input_block)
+    if w.dtype != f.dtype or w.numel() > _STRIDED_NORM_MAX:
+        scale = _block_norms(wk) / _fixed_block_norms(f, _stack(f, areas, layer.mode,
+                                                               layer.input_block))
+        return (f.view(shape) * scale.to(f.dtype).view(keep)).view(n, i)
+    # B as blocks and its blocks' clamped norms, once per version of B; W's block norms reduced
+    # in place (at the sizes this path runs, a contiguous copy first costs more than it saves)
+    fb, b_norms = fixed_value(f, ("masked-scale", shape, layer.input_block), lambda: (
+        f.view(shape), _block_norms(_stack(f, areas, layer.mode, layer.input_block))
+        .clamp_min(_TINY)))
+    scale = torch.linalg.vector_norm(wk, dim=(1, 2)).div_(b_norms)
+    return (fb * scale.view(keep)).view(n, i)
+
+
+_STRIDED_NORM_MAX = 1 << 16   # elements of W up to which its block norms reduce in place
 
 
 def _forward(x: Tensor, area: Tensor, steps, params, areas: int, saved: list,
