@@ -517,6 +517,31 @@ def _compact_ops(module):
     return module
 
 
+class _FAPlusGate(torch.nn.Module):
+    """The floor of a SAL step at this size: the FA model plus a region gate alone (its routing,
+    count_routes, the local rule through its anchor, P in the optimizer) and no areas: what
+    SAL-16 costs if sending rows to their areas were free. The gate's ops through the eager fast
+    path, as SAL's own run; the `+ anchor` (a 0-dim zero that carries the local rule) costs one
+    add and its backward more than SAL pays."""
+
+    def __init__(self, fa, sal):
+        super().__init__()
+        from salcompile.ops import fast
+        g = sal.sal_gates.gate_0
+        self.fa = fa
+        self.proj = torch.nn.Parameter(g.proj.detach().clone())
+        self.register_buffer("prototypes", g.prototypes.detach().clone())
+        self.register_buffer("counts", g.counts.detach().clone())
+        self.rule = (sal.sal_config.temperature, sal.sal_config.balance_weight)
+        self.gate = fast.op(torch.ops.salcompile.region_gate.default)
+        self.count = fast.op(torch.ops.salcompile.count_routes.default)
+
+    def forward(self, x):
+        area, anchor = self.gate(x.flatten(1).detach(), self.proj, self.prototypes, *self.rule)
+        self.count(area, self.counts)
+        return self.fa(x) + anchor
+
+
 def _fast_module():
     try:
         from salcompile.ops import fast
@@ -559,9 +584,12 @@ def run_paper_scale(args):
          lambda: _compact_ops(sal(areas=16))),
         ("SAL-16 partition eager, ops via dispatcher", lambda: _FastPathOff(sal(areas=16))),
         ("SAL-16 replicate eager", lambda: sal(areas=16, area_mode="replicate")),
+        ("floor: FA eager + the region gate alone (no areas)",
+         lambda: _FAPlusGate(sal(areas=1), sal(areas=16))),
     ]
     if fast is None:
-        specs = [s for s in specs if "dispatcher" not in s[0] and "compact ops" not in s[0]]
+        specs = [s for s in specs if "dispatcher" not in s[0] and "compact ops" not in s[0]
+                 and "floor" not in s[0]]
     runners, failed = [], []
     for label, make in specs:
         if budget_end and time.perf_counter() > budget_end:
@@ -618,7 +646,8 @@ def run_paper_scale(args):
         lines.append(f"- {label}: {med:.2f}x dense BP eager, target <= {limit}x: "
                      f"{'met' if med <= limit else 'MISSED'} (fastest rounds: {mn:.2f}x, "
                      f"{'met' if mn <= limit else 'missed'})")
-    phased = [r for r in ok if r.label in ("dense BP eager", "FA eager", "SAL-16 partition eager")]
+    phased = [r for r in ok if r.label in ("dense BP eager", "FA eager", "SAL-16 partition eager",
+                                           "floor: FA eager + the region gate alone (no areas)")]
     if phased and not (budget_end and time.perf_counter() > budget_end):
         phases: dict = {}
         interleave(phased, max(3, rounds // 2), budget_end,

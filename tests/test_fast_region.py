@@ -173,3 +173,26 @@ def test_float32_paper_scale_agrees_with_the_compact_ops():
     for (n, p), q in zip(sal.named_parameters(), ref.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_benchmark_floor_runs_sals_gate_exactly():
+    """benchmarks/step_time.py's floor row (FA + the region gate alone) is only a floor if its
+    gate is SAL's: the same routing counts and the same local-rule gradient of P."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+    spec = importlib.util.spec_from_file_location("step_time_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    base, x = MLP(8, 32, 3), torch.randn(12, 8)
+    y = torch.randint(0, 3, (12,))
+    sal = salcompile.transform(copy.deepcopy(base), (x,), areas=4)
+    floor = bench._FAPlusGate(salcompile.transform(copy.deepcopy(base), (x,), areas=1), sal)
+    for m in (sal, floor):
+        F.cross_entropy(m(x), y).backward()
+    gate = sal.sal_gates.gate_0
+    assert floor.proj.grad is not None and floor.proj.grad.abs().sum() > 0
+    torch.testing.assert_close(floor.proj.grad, gate.proj.grad, rtol=0, atol=0)
+    torch.testing.assert_close(floor.counts, gate.counts, rtol=0, atol=0)
+    assert sum(p.numel() for p in floor.parameters()) == sum(p.numel() for p in sal.parameters())

@@ -425,9 +425,9 @@ def _segment_sum(values: Tensor, area: Tensor, areas: int) -> Tensor:
 def _segment_sum_ok(values: Tensor) -> bool:
     """_segment_sum for per-area bias gradients at any row count: on CPU, index_add_ over the rows
     is 6-10x faster than a grouped matmul with a ones column (16 tiny matmuls; measured at 4096
-    rows, 16 areas, widths 64 and 256) and sums each area's rows in the same order. Not on CUDA
-    (its index_add_ is atomic: the order, and so the float sum, would vary run to run), nor for
-    half types (index_add_ accumulates in the tensor's own dtype; the matmul in float32)."""
+    rows, 16 areas, widths 64 and 256); the same sums, in row order (float rounding aside). Not on
+    CUDA (its index_add_ is atomic: the order, and so the float sum, would vary run to run), nor
+    for half types (index_add_ accumulates in the tensor's own dtype; the matmul in float32)."""
     return values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64)
 
 
