@@ -35,8 +35,8 @@ import torch.fx as fx
 from torch import Tensor
 
 from . import fast, gate
-from .compact import _block_norms, _fixed_block_norms, _stack
-from .fa import _TINY, fixed_value, kp_grad
+from .compact import _fixed_block_norms, _stack
+from .fa import fixed_value, kp_grad
 from .. import layers as L
 
 ENABLED = True            # False: always the compact ops (tests compare the two)
@@ -297,17 +297,13 @@ def _scaled_feedback(f: Tensor, w: Tensor, areas: int, layer: Layer) -> Tensor:
     else:                       # area k: rows block k
         shape, keep = (areas, n // areas, i), (areas, 1, 1)
     wk = _stack(w, areas, layer.mode, layer.input_block)
-    if w.dtype != f.dtype or w.numel() > _STRIDED_NORM_MAX:
-        scale = _block_norms(wk) / _fixed_block_norms(f, _stack(f, areas, layer.mode,
-                                                               layer.input_block))
-        return (f.view(shape) * scale.to(f.dtype).view(keep)).view(n, i)
-    # B as blocks and its blocks' clamped norms, once per version of B; W's block norms reduced
-    # in place (at the sizes this path runs, a contiguous copy first costs more than it saves)
+    # W's block norms reduced in place where W is small (a contiguous copy first costs more than
+    # it saves there); B as blocks and its blocks' norms once per version of B
+    w_norms = torch.linalg.vector_norm(wk if w.numel() <= _STRIDED_NORM_MAX else wk.contiguous(),
+                                       dim=(1, 2))
     fb, b_norms = fixed_value(f, ("masked-scale", shape, layer.input_block), lambda: (
-        f.view(shape), _block_norms(_stack(f, areas, layer.mode, layer.input_block))
-        .clamp_min(_TINY)))
-    scale = torch.linalg.vector_norm(wk, dim=(1, 2)).div_(b_norms)
-    return (fb * scale.view(keep)).view(n, i)
+        f.view(shape), _fixed_block_norms(f, _stack(f, areas, layer.mode, layer.input_block))))
+    return (fb * (w_norms / b_norms).to(f.dtype).view(keep)).view(n, i)
 
 
 _STRIDED_NORM_MAX = 1 << 16   # elements of W up to which its block norms reduce in place
@@ -456,10 +452,15 @@ def _gated(region: Callable, temperature: float, balance: float) -> Callable:
         else:
             area = gate.route(features, proj, prototypes)
             y = _forward(x, area, region.steps, params, region.areas, [], {})
-        return (y.reshape(x.shape[:-1] + (y.shape[-1],)) if x.dim() != 2 else y), area
+        return _shaped_like(y, x), area
 
     gated.__name__ = gated.__qualname__ = region.__name__
     return gated
+
+
+def _shaped_like(y: Tensor, x: Tensor) -> Tensor:
+    """The region's flat [rows, o] output in x's leading shape."""
+    return y if x.dim() == 2 else y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 
 def _macs(rows: int, params) -> int:
@@ -483,7 +484,7 @@ def _region(name: str, areas: int, steps, fallback: Callable) -> Callable:
             y = _MaskedRegion.apply(x, flat, anchor, steps, areas, *params)
         else:
             y = _forward(x, flat, steps, params, areas, [], {})
-        return y.reshape(x.shape[:-1] + (y.shape[-1],)) if x.dim() != 2 else y
+        return _shaped_like(y, x)
 
     region.__name__ = region.__qualname__ = name
     region.steps, region.areas = steps, areas
